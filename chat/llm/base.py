@@ -1,0 +1,300 @@
+"""The interface every language-model backend implements, and shared HTTP plumbing.
+
+A backend turns a conversation (a list of ``{"role", "content"}`` dicts) into an
+async stream of text pieces, optionally followed by one :class:`Usage`. Any
+failure of the model server is raised as :class:`LLMError`, whose ``str()`` is a
+short sentence that can be shown to the user as is.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import json
+import re
+import socket
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+__all__ = ["Backend", "HTTPBackend", "LLMError", "Usage"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one answer, as reported by the model server."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class LLMError(Exception):
+    """The model server failed; ``str(exc)`` is a readable, user-facing message."""
+
+
+class Backend(abc.ABC):
+    """A language model that streams answers."""
+
+    name: str = ""
+    model: str = ""
+
+    @abc.abstractmethod
+    def stream(self, messages: list[dict]) -> AsyncIterator[str | Usage]:
+        """Stream the answer to ``messages`` (the whole conversation, oldest first).
+
+        Yields text pieces as they arrive, then possibly one :class:`Usage`.
+        Raises :class:`LLMError` on any failure of the model server.
+        """
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
+        """Release resources held for the running event loop (optional)."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} model={self.model!r}>"
+
+
+# ---------------------------------------------------------------------------
+# Shared HTTP plumbing of the ollama and openai backends.
+
+MAX_ERROR_BODY = 4096  # bytes of an error body read to build the message
+MAX_SNIPPET = 200  # characters of it shown in the message
+MAX_LINE_SNIPPET = 120
+
+
+def _fmt_seconds(value: float | None) -> str:
+    if value is None:
+        return "ever"
+    return f"{value:g} s"
+
+
+def _snippet(text: str, limit: int = MAX_SNIPPET) -> str:
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 1].rstrip() + "…"
+    return text
+
+
+def line_snippet(line: str) -> str:
+    """A short, printable excerpt of a bad line for an error message."""
+    return _snippet(repr(line)[1:-1], MAX_LINE_SNIPPET)
+
+
+def _error_text(body: bytes) -> str:
+    """The human part of an error body: a JSON error message, or the text itself."""
+    text = body.decode("utf-8", errors="replace").strip()
+    if not text:
+        return ""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        parts: list[str] = []
+        error = data.get("error")
+        if isinstance(error, dict):
+            message = error.get("message")
+            parts.append(message if isinstance(message, str) else json.dumps(error))
+        elif isinstance(error, str):
+            parts.append(error)
+        for key in ("detail", "message"):
+            if isinstance(data.get(key), str) and data[key] not in parts:
+                parts.append(data[key])
+        if parts:
+            return _snippet(": ".join(p for p in parts if p))
+    elif isinstance(data, str):
+        return _snippet(data)
+    # Plain text or HTML: drop tags, keep the words.
+    return _snippet(re.sub(r"<[^>]*>", " ", text))
+
+
+def upstream_error_message(error: Any) -> str:
+    """Message for an error object sent inside a stream (``{"error": ...}``)."""
+    if isinstance(error, dict):
+        message = error.get("message")
+        text = message if isinstance(message, str) and message else json.dumps(error)
+    elif isinstance(error, str):
+        text = error
+    else:
+        text = json.dumps(error)
+    return f"The model server reported an error: {_snippet(text) or 'no details'}"
+
+
+def _has_cause(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kinds):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+class HTTPBackend(Backend):
+    """A backend that talks to a model server over HTTP with httpx.
+
+    One ``httpx.AsyncClient`` is kept per running event loop (a client cannot be
+    used from another loop), created on first use and reused by every stream of
+    that loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        model: str,
+        api_key: str = "",
+        connect_timeout: float | None = 5.0,
+        read_timeout: float | None = 60.0,
+        max_connections: int = 256,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.model = model
+        self.api_key = api_key
+        self.connect_timeout = connect_timeout if connect_timeout and connect_timeout > 0 else None
+        self.read_timeout = read_timeout if read_timeout and read_timeout > 0 else None
+        self.max_connections = max_connections
+        self._transport = transport
+        self._clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+        self._lock = threading.Lock()
+
+    # -- client per loop ------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        return {"User-Agent": "ssechat"}
+
+    def _new_client(self) -> httpx.AsyncClient:
+        timeout = httpx.Timeout(
+            connect=self.connect_timeout,
+            read=self.read_timeout,
+            write=self.read_timeout,
+            pool=self.read_timeout,
+        )
+        limits = httpx.Limits(
+            max_connections=self.max_connections,
+            max_keepalive_connections=min(self.max_connections, 128),
+            keepalive_expiry=30.0,
+        )
+        return httpx.AsyncClient(
+            timeout=timeout,
+            limits=limits,
+            headers=self._headers(),
+            transport=self._transport,
+            follow_redirects=False,
+        )
+
+    def client(self) -> httpx.AsyncClient:
+        """The shared client of the running event loop."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            client = self._clients.get(loop)
+            if client is None or client.is_closed:
+                # Forget clients of loops that are gone; their sockets die with them.
+                for old in [old for old in self._clients if old.is_closed()]:
+                    del self._clients[old]
+                client = self._clients[loop] = self._new_client()
+            return client
+
+    async def aclose(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # pragma: no cover - called without a loop
+            return
+        with self._lock:
+            client = self._clients.pop(loop, None)
+        if client is not None:
+            await client.aclose()
+
+    # -- errors ---------------------------------------------------------------
+
+    def _where(self) -> str:
+        """The server named in messages: scheme, host and port, never credentials."""
+        try:
+            parsed = httpx.URL(self.url)
+            port = f":{parsed.port}" if parsed.port else ""
+            return f"{parsed.scheme}://{parsed.host}{port}"
+        except Exception:
+            return self.url
+
+    def transport_error(self, exc: Exception) -> LLMError:
+        """Turn an httpx exception into a readable :class:`LLMError`."""
+        where = self._where()
+        if isinstance(exc, httpx.InvalidURL | httpx.UnsupportedProtocol):
+            return LLMError(f"The model server URL {self.url!r} is not valid: {exc}")
+        if isinstance(exc, httpx.ConnectTimeout):
+            return LLMError(
+                f"The model server at {where} did not accept a connection "
+                f"within {_fmt_seconds(self.connect_timeout)}."
+            )
+        if isinstance(exc, httpx.ReadTimeout):
+            return LLMError(f"The model server stopped answering for {_fmt_seconds(self.read_timeout)}.")
+        if isinstance(exc, httpx.WriteTimeout):
+            return LLMError(
+                f"The model server did not take the request within {_fmt_seconds(self.read_timeout)}."
+            )
+        if isinstance(exc, httpx.PoolTimeout):
+            return LLMError("Too many answers are being generated at once; try again shortly.")
+        if isinstance(exc, httpx.ConnectError):
+            if _has_cause(exc, (ConnectionRefusedError,)) or "refused" in str(exc).lower():
+                return LLMError(f"The model server at {where} refused the connection.")
+            if _has_cause(exc, (socket.gaierror,)) or "name" in str(exc).lower():
+                return LLMError(f"The model server host in {where} could not be found.")
+            return LLMError(f"The model server at {where} could not be reached: {exc}")
+        if isinstance(exc, httpx.RemoteProtocolError):
+            return LLMError("The model server ended the answer early.")
+        if isinstance(exc, httpx.ReadError | httpx.WriteError | httpx.CloseError):
+            return LLMError(f"The connection to the model server at {where} broke.")
+        return LLMError(f"The request to the model server at {where} failed: {exc or type(exc).__name__}")
+
+    async def status_error(self, response: httpx.Response) -> LLMError:
+        """The :class:`LLMError` for a response with a 4xx or 5xx status."""
+        body = b""
+        try:
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) >= MAX_ERROR_BODY:
+                    break
+        except httpx.HTTPError:
+            pass
+        detail = _error_text(body[:MAX_ERROR_BODY])
+        status = response.status_code
+        if status == 401:
+            if self.api_key:
+                head = "The model server refused the API key (401)"
+            else:
+                head = "The model server wants an API key (401); set SSECHAT_LLM_API_KEY"
+        else:
+            head = f"The model server answered {status}"
+        if detail:
+            return LLMError(f"{head}: {detail}")
+        reason = response.reason_phrase
+        return LLMError(f"{head} ({reason})." if reason and status != 401 else f"{head}.")
+
+    @staticmethod
+    def malformed(line: str) -> LLMError:
+        return LLMError(f"The model server sent a malformed line: {line_snippet(line)}")
+
+    @staticmethod
+    def ended_early() -> LLMError:
+        return LLMError("The model server ended the answer early.")
+
+
+def clean_messages(messages: list[dict]) -> list[dict[str, str]]:
+    """The conversation as plain ``{"role", "content"}`` dicts of strings."""
+    cleaned = []
+    for message in messages:
+        role = message.get("role") or "user"
+        content = message.get("content")
+        cleaned.append({"role": str(role), "content": "" if content is None else str(content)})
+    return cleaned
+
+
+def as_count(value: Any) -> int:
+    """A token count from a JSON value (0 for anything that is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    return max(0, int(value))

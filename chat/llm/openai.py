@@ -1,0 +1,222 @@
+"""Any OpenAI-compatible ``POST /v1/chat/completions`` stream (Server-Sent Events)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from .base import (
+    HTTPBackend,
+    LLMError,
+    Usage,
+    as_count,
+    clean_messages,
+    upstream_error_message,
+)
+
+DEFAULT_URL = "https://api.openai.com"
+DEFAULT_MODEL = "gpt-4o-mini"
+MAX_WHOLE_ANSWER = 16 * 1024 * 1024  # bytes of a non-streamed answer
+
+
+@dataclass
+class SSEEvent:
+    event: str = "message"
+    data: str = ""
+
+
+@dataclass
+class SSEParser:
+    """An incremental parser of ``text/event-stream`` lines (WHATWG rules).
+
+    Feed it lines without their line ending; it returns an event when a blank
+    line ends one that has data. Comments (``:``), ``id``, ``retry`` and
+    unknown fields are ignored.
+    """
+
+    _data: list[str] = field(default_factory=list)
+    _event: str = ""
+
+    def feed(self, line: str) -> SSEEvent | None:
+        if line == "":
+            if not self._data:
+                self._event = ""
+                return None
+            event = SSEEvent(self._event or "message", "\n".join(self._data))
+            self._data, self._event = [], ""
+            return event
+        if line.startswith(":"):
+            return None
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        return None
+
+    def pending(self) -> SSEEvent | None:
+        """The event still being built when the stream ended (not dispatched by the spec)."""
+        if not self._data:
+            return None
+        return SSEEvent(self._event or "message", "\n".join(self._data))
+
+
+class OpenAIBackend(HTTPBackend):
+    """Streams answers from OpenAI or a server that speaks its chat completions API."""
+
+    name = "openai"
+
+    @property
+    def endpoint(self) -> str:
+        url = self.url
+        if url.endswith("/chat/completions"):
+            return url
+        if url.endswith("/v1"):
+            return f"{url}/chat/completions"
+        return f"{url}/v1/chat/completions"
+
+    def _headers(self) -> dict[str, str]:
+        headers = super()._headers()
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    async def stream(self, messages: list[dict]) -> AsyncIterator[str | Usage]:
+        payload = {
+            "model": self.model,
+            "messages": clean_messages(messages),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        try:
+            async with self.client().stream("POST", self.endpoint, json=payload) as response:
+                if response.status_code >= 400:
+                    raise await self.status_error(response)
+                if response.status_code != 200:
+                    raise LLMError(
+                        f"The model server answered {response.status_code} instead of a stream."
+                    )
+                content_type = response.headers.get("content-type", "").lower()
+                if content_type.startswith("application/json"):
+                    # A server that ignored "stream": a whole chat.completion, or an error.
+                    async for piece in self._whole_answer(response):
+                        yield piece
+                    return
+                async for piece in self._sse_answer(response):
+                    yield piece
+        except LLMError:
+            raise
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise self.transport_error(exc) from exc
+
+    async def _sse_answer(self, response: httpx.Response) -> AsyncIterator[str | Usage]:
+        parser = SSEParser()
+        usage: Usage | None = None
+        done = finished = False
+        async for line in response.aiter_lines():
+            event = parser.feed(line)
+            if event is None:
+                continue
+            if event.data.strip() == "[DONE]":
+                done = True
+                break
+            text, chunk_usage, chunk_finished = self._chunk(event)
+            if text:
+                yield text
+            usage = chunk_usage or usage
+            finished = finished or chunk_finished
+        else:
+            # The body ended: accept a last frame that lacked its blank line.
+            event = parser.pending()
+            if event is not None:
+                if event.data.strip() == "[DONE]":
+                    done = True
+                else:
+                    text, chunk_usage, chunk_finished = self._chunk(event)
+                    if text:
+                        yield text
+                    usage = chunk_usage or usage
+                    finished = finished or chunk_finished
+        if not (done or finished):
+            raise self.ended_early()
+        if usage is not None:
+            yield usage
+
+    def _chunk(self, event: SSEEvent) -> tuple[str, Usage | None, bool]:
+        """Text, usage and whether a choice finished, from one ``chat.completion.chunk``."""
+        try:
+            data = json.loads(event.data)
+        except ValueError:
+            if event.event == "error":
+                raise LLMError(upstream_error_message(event.data)) from None
+            raise self.malformed(event.data) from None
+        if not isinstance(data, dict):
+            raise self.malformed(event.data)
+        if data.get("error") is not None or event.event == "error":
+            raise LLMError(upstream_error_message(data.get("error", data)))
+        choices = data.get("choices")
+        usage = _usage(data.get("usage"))
+        if not isinstance(choices, list) or (not choices and usage is None):
+            raise self.malformed(event.data)
+        text = ""
+        finished = False
+        for choice in choices:
+            if not isinstance(choice, dict):
+                raise self.malformed(event.data)
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta")
+            if delta is None:
+                delta = {}
+            if not isinstance(delta, dict):
+                raise self.malformed(event.data)
+            content = delta.get("content")
+            if content is not None and not isinstance(content, str):
+                raise self.malformed(event.data)
+            text += content or ""
+            if choice.get("finish_reason"):
+                finished = True
+        return text, usage, finished
+
+    async def _whole_answer(self, response: httpx.Response) -> AsyncIterator[str | Usage]:
+        body = b""
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > MAX_WHOLE_ANSWER:
+                raise LLMError("The model server sent an answer that is far too long.")
+        text = body.decode("utf-8", errors="replace")
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise self.malformed(text) from None
+        if not isinstance(data, dict):
+            raise self.malformed(text)
+        if data.get("error") is not None:
+            raise LLMError(upstream_error_message(data["error"]))
+        choices = data.get("choices")
+        try:
+            content = choices[0]["message"]["content"]  # type: ignore[index]
+        except (TypeError, KeyError, IndexError):
+            raise self.malformed(text) from None
+        if content is not None and not isinstance(content, str):
+            raise self.malformed(text)
+        if content:
+            yield content
+        usage = _usage(data.get("usage"))
+        if usage is not None:
+            yield usage
+
+
+def _usage(value: Any) -> Usage | None:
+    if not isinstance(value, dict):
+        return None
+    return Usage(
+        prompt_tokens=as_count(value.get("prompt_tokens")),
+        completion_tokens=as_count(value.get("completion_tokens")),
+    )

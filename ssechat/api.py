@@ -1,0 +1,134 @@
+"""Small helpers shared by the JSON API views of every app.
+
+Errors follow the contract: ``{"error": "<code>", "detail": "<human text>"}``
+with the matching status. API and stream URLs answer an anonymous client with
+401 JSON, never with a redirect to the login page.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+
+ERROR_CODES = {
+    400: "bad_request",
+    401: "not_authenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+# JSON nesting deeper than this is refused before it reaches a view.
+MAX_JSON_DEPTH = 32
+
+
+class ApiError(Exception):
+    """Raised inside an API view to answer with a JSON error."""
+
+    def __init__(self, status: int, detail: str, code: str | None = None, **extra: Any):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.code = code or ERROR_CODES.get(status, "error")
+        self.extra = extra
+
+    def response(self) -> JsonResponse:
+        return json_error(self.status, self.code, self.detail, **self.extra)
+
+
+def json_error(status: int, code: str, detail: str, **extra: Any) -> JsonResponse:
+    response = JsonResponse({"error": code, "detail": detail, **extra}, status=status)
+    if status == 401:
+        response["WWW-Authenticate"] = 'Bearer realm="ssechat"'
+    return response
+
+
+def _depth(value: Any, limit: int) -> int:
+    stack = [(value, 1)]
+    deepest = 0
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def parse_json_body(request: HttpRequest, *, max_bytes: int | None = None) -> dict[str, Any]:
+    """The request body as a JSON object, or an ApiError naming what is wrong."""
+    limit = max_bytes or settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    length = request.META.get("CONTENT_LENGTH") or "0"
+    if length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"The request body is larger than {limit} bytes.")
+    content_type = request.content_type or ""
+    if content_type and content_type not in ("application/json", "text/plain"):
+        raise ApiError(415, "Send the body as application/json.")
+    raw = request.body
+    if len(raw) > limit:
+        raise ApiError(413, f"The request body is larger than {limit} bytes.")
+    if not raw.strip():
+        raise ApiError(400, "The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "The request body is not valid UTF-8.", code="invalid_json") from exc
+    try:
+        data = json.loads(text)
+    except RecursionError as exc:
+        raise ApiError(400, "The JSON body is nested too deeply.", code="invalid_json") from exc
+    except ValueError as exc:
+        raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "The JSON body must be an object.", code="invalid_json")
+    if _depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise ApiError(400, "The JSON body is nested too deeply.", code="invalid_json")
+    return data
+
+
+def is_authenticated(request: HttpRequest) -> bool:
+    user = getattr(request, "user", None)
+    return bool(user is not None and user.is_authenticated)
+
+
+ViewFunc = Callable[..., Awaitable[HttpResponse]]
+
+
+def api_view(methods: tuple[str, ...] = ("GET",), *, login_required: bool = True):
+    """Decorate an async API view: method check, 401 JSON for anonymous, ApiError."""
+
+    def decorator(view: ViewFunc) -> ViewFunc:
+        @functools.wraps(view)
+        async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+            if request.method not in methods:
+                response = json_error(
+                    405, "method_not_allowed", f"{request.method} is not allowed here."
+                )
+                response["Allow"] = ", ".join(methods)
+                return response
+            if login_required:
+                user = await request.auser()
+                if not user.is_authenticated:
+                    return json_error(401, "not_authenticated", "Log in or send a Bearer token.")
+            try:
+                return await view(request, *args, **kwargs)
+            except ApiError as exc:
+                return exc.response()
+
+        return wrapper
+
+    return decorator

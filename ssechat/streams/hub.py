@@ -1,0 +1,375 @@
+"""The in-process hub: who is subscribed to what, and handing events to them.
+
+One hub per process. The broker feeds it new events in id order; the hub hands
+each event (one shared object, framed once) to the mailbox of every local
+connection subscribed to the event's channel or its parent. Everything here
+runs on the event loop; nothing blocks and nothing touches the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Iterable
+
+from django.conf import settings
+
+from .wire import KEEPALIVE, encode_event
+
+logger = logging.getLogger("ssechat.streams")
+
+
+class StoredEvent:
+    """An event of the log as streams see it. Shared by all local subscribers."""
+
+    __slots__ = ("_frame", "cache", "channel", "data", "id", "parent", "type")
+
+    def __init__(self, id: int, channel: str, parent: str, type: str, data: str):  # noqa: A002
+        self.id = id
+        self.channel = channel
+        self.parent = parent
+        self.type = type
+        self.data = data
+        self._frame: bytes | None = None
+        # Per-process memo for renderings of this event (e.g. an HTML fragment).
+        self.cache: dict = {}
+
+    @property
+    def frame(self) -> bytes:
+        """The SSE frame, encoded once however many clients receive it."""
+        frame = self._frame
+        if frame is None:
+            frame = self._frame = encode_event(self.data, event=self.type, id=self.id)
+        return frame
+
+    def payload(self):
+        payload = self.cache.get("payload")
+        if payload is None:
+            import json
+
+            payload = self.cache["payload"] = json.loads(self.data)
+        return payload
+
+    def __repr__(self) -> str:
+        return f"<StoredEvent #{self.id} {self.channel} {self.type}>"
+
+
+class Signal:
+    """A control item in a mailbox."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<Signal {self.name}>"
+
+
+KEEPALIVE_SIGNAL = Signal("keepalive")
+CLOSE = Signal("close")
+OVERFLOW = Signal("overflow")
+
+
+_TIMED_OUT = object()
+
+
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(_TIMED_OUT)
+
+
+class Connection:
+    """The mailbox of one open stream.
+
+    A bounded queue: when a slow client lets it fill up, it is emptied and
+    marked overflowed, and the stream catches up from the database instead.
+    """
+
+    __slots__ = (
+        "_items",
+        "_timer",
+        "_waiter",
+        "channels",
+        "close_reason",
+        "closed",
+        "deadline",
+        "hub",
+        "last_write",
+        "limit",
+        "overflowed",
+        "start_horizon",
+        "user_id",
+    )
+
+    def __init__(self, hub: Hub, channels: tuple[str, ...], user_id: int | None, limit: int):
+        self.hub = hub
+        self.channels = channels
+        self.user_id = user_id
+        self.limit = limit
+        self._items: deque = deque()
+        self._waiter: asyncio.Future | None = None
+        self.overflowed = False
+        self.closed = False
+        self.close_reason = ""
+        self.start_horizon = hub.horizon
+        self.last_write = 0.0
+        self.deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def put(self, item) -> None:
+        if self.closed:
+            return
+        if len(self._items) >= self.limit:
+            self._items.clear()
+            self.overflowed = True
+        else:
+            self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def close(self, reason: str) -> None:
+        if not self.closed:
+            self.close_reason = reason
+            self.put(CLOSE)
+            self.closed = True
+
+    async def get(self, timeout: float | None = None):
+        """The next item: a StoredEvent, KEEPALIVE_SIGNAL, OVERFLOW or CLOSE.
+
+        With a ``timeout``, None when nothing arrived in time.
+        """
+        if not (self.overflowed or self._items or self.closed):
+            loop = self.hub.loop
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+        if self.overflowed:
+            self.overflowed = False
+            self._items.clear()
+            return OVERFLOW
+        if self._items:
+            return self._items.popleft()
+        if self.closed:
+            return CLOSE
+        return None
+
+    def drop_pending(self) -> None:
+        self._items.clear()
+        self.overflowed = False
+
+    def wrote(self) -> None:
+        """Note that the stream sent something (keep-alives are due only when idle)."""
+        self.last_write = self.hub.loop.time()
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.by_channel: dict[str, set[Connection]] = {}
+        self.connections: set[Connection] = set()
+        self.by_user: dict[int, set[Connection]] = {}
+        # Every event with an id at or below this has been handed out (or never will exist).
+        self.horizon = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.broker = None
+        self._ready: asyncio.Event | None = None
+        self._start_lock: asyncio.Lock | None = None
+        self.shutting_down = False
+        self.keepalive = settings.SSECHAT_KEEPALIVE_SECONDS
+        self.max_lifetime = settings.SSECHAT_STREAM_MAX_SECONDS
+        self.queue_limit = settings.SSECHAT_SUBSCRIBER_QUEUE
+        self.dispatched = 0
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the broker on this loop (once) and wait until the horizon is known."""
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:
+            # A new event loop (tests, or a fresh worker): start over on it.
+            self._reset_for_loop(loop)
+        if self._ready.is_set():
+            return
+        async with self._start_lock:
+            if self._ready.is_set():
+                return
+            from .brokers import make_broker
+
+            self.broker = make_broker(self)
+            await self.broker.start()
+            self._ready.set()
+
+    def _reset_for_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.broker is not None:
+            self.broker.abandon()
+        self.loop = loop
+        self.broker = None
+        self._ready = asyncio.Event()
+        self._start_lock = asyncio.Lock()
+        self.shutting_down = False
+        for conn in list(self.connections):
+            conn.closed = True
+        self.by_channel.clear()
+        self.connections.clear()
+        self.by_user.clear()
+
+    async def stop(self) -> None:
+        self.close_all("shutdown")
+        if self.broker is not None:
+            await self.broker.stop()
+            self.broker = None
+        if self._ready is not None:
+            self._ready.clear()
+
+    def begin_shutdown(self) -> None:
+        """The server is going down: end every open stream now (clients will resume)."""
+        if not self.shutting_down:
+            self.shutting_down = True
+            logger.info("shutdown: closing %d open stream(s)", len(self.connections))
+            self.close_all("shutdown")
+
+    def poke(self) -> None:
+        """Something was committed: have the broker look for new events. Thread-safe."""
+        broker, loop = self.broker, self.loop
+        if broker is None or loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            broker.wake()
+        else:
+            try:
+                loop.call_soon_threadsafe(broker.wake)
+            except RuntimeError:  # loop closed meanwhile
+                pass
+
+    # -- connections -----------------------------------------------------------
+    def open(self, channels: Iterable[str], user_id: int | None = None) -> Connection:
+        conn = Connection(self, tuple(channels), user_id, self.queue_limit)
+        for channel in conn.channels:
+            self.by_channel.setdefault(channel, set()).add(conn)
+        self.connections.add(conn)
+        if user_id is not None:
+            self.by_user.setdefault(user_id, set()).add(conn)
+        now = self.loop.time()
+        conn.last_write = now
+        if self.max_lifetime > 0:
+            conn.deadline = now + self.max_lifetime
+        self._arm(conn, now)
+        if self.shutting_down:
+            conn.close("shutdown")
+        return conn
+
+    def release(self, conn: Connection) -> None:
+        conn.closed = True
+        if conn._timer is not None:
+            conn._timer.cancel()
+            conn._timer = None
+        for channel in conn.channels:
+            subs = self.by_channel.get(channel)
+            if subs is not None:
+                subs.discard(conn)
+                if not subs:
+                    del self.by_channel[channel]
+        self.connections.discard(conn)
+        if conn.user_id is not None:
+            subs = self.by_user.get(conn.user_id)
+            if subs is not None:
+                subs.discard(conn)
+                if not subs:
+                    del self.by_user[conn.user_id]
+
+    def open_count(self, user_id: int) -> int:
+        return len(self.by_user.get(user_id, ()))
+
+    def close_all(self, reason: str) -> None:
+        for conn in list(self.connections):
+            conn.close(reason)
+
+    def close_user(self, user_id: int, reason: str) -> int:
+        conns = list(self.by_user.get(user_id, ()))
+        for conn in conns:
+            conn.close(reason)
+        return len(conns)
+
+    # One timer per connection, re-armed lazily: a write only updates a float.
+    def _arm(self, conn: Connection, now: float) -> None:
+        due = conn.last_write + self.keepalive if self.keepalive > 0 else float("inf")
+        if conn.deadline and conn.deadline < due:
+            due = conn.deadline
+        if due == float("inf"):
+            return
+        conn._timer = self.loop.call_at(max(due, now), self._on_timer, conn)
+
+    def _on_timer(self, conn: Connection) -> None:
+        conn._timer = None
+        if conn.closed:
+            return
+        now = self.loop.time()
+        if conn.deadline and now >= conn.deadline:
+            conn.close("max_lifetime")
+            return
+        if self.keepalive > 0 and now - conn.last_write >= self.keepalive * 0.999:
+            conn.put(KEEPALIVE_SIGNAL)
+            conn.last_write = now
+        self._arm(conn, now)
+
+    # -- delivery --------------------------------------------------------------
+    def dispatch(self, events: list[StoredEvent]) -> None:
+        """Hand events (in id order, all above the horizon) to their subscribers."""
+        by_channel = self.by_channel
+        for event in events:
+            subs = by_channel.get(event.channel)
+            if subs:
+                for conn in subs:
+                    conn.put(event)
+            if event.parent:
+                subs = by_channel.get(event.parent)
+                if subs:
+                    for conn in subs:
+                        conn.put(event)
+            if event.channel == CONTROL_CHANNEL:
+                self._control(event)
+        if events:
+            self.horizon = events[-1].id
+            self.dispatched += len(events)
+
+    def advance(self, horizon: int) -> None:
+        if horizon > self.horizon:
+            self.horizon = horizon
+
+    def _control(self, event: StoredEvent) -> None:
+        if event.type == "close_user":
+            user_id = event.payload().get("user_id")
+            if isinstance(user_id, int):
+                count = self.close_user(user_id, "revoked")
+                if count:
+                    logger.info("closed %d stream(s) of user %s", count, user_id)
+
+
+# Control events for every process (e.g. end a user's streams when access is revoked).
+CONTROL_CHANNEL = "ssechat:control"
+
+_hub: Hub | None = None
+_hub_lock = threading.Lock()
+
+
+def get_hub() -> Hub:
+    global _hub
+    if _hub is None:
+        with _hub_lock:
+            if _hub is None:
+                _hub = Hub()
+    return _hub

@@ -1,0 +1,131 @@
+"""Reading and writing the event log (sync ORM code; async callers use ``run_db``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db.models import Max, Q
+
+from .hub import StoredEvent, get_hub
+from .models import Event, EventLogState
+from .wire import check_field, dumps
+
+MAX_CHANNEL_LENGTH = 200
+MAX_TYPE_LENGTH = 64
+NOTIFY_CHANNEL = "ssechat_events"
+
+_FIELDS = ("id", "channel", "parent", "type", "data")
+
+
+def _validate_name(kind: str, value: str, limit: int) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{kind} must be a non-empty string")
+    if len(value) > limit:
+        raise ValueError(f"{kind} is longer than {limit} characters")
+    return check_field(kind, value)
+
+
+_pg_sequence: dict[str, str] = {}
+
+
+def _pg_insert(conn, channel: str, parent: str, event_type: str, data: str) -> int:
+    seq = _pg_sequence.get(conn.alias)
+    table = Event._meta.db_table
+    with conn.cursor() as cursor:
+        if seq is None:
+            cursor.execute("SELECT pg_get_serial_sequence(%s, 'id')", [table])
+            seq = _pg_sequence[conn.alias] = cursor.fetchone()[0]
+        # The transaction takes its xid *before* the event id, so a broker that
+        # sees a gap in ids knows every transaction that could still fill it
+        # was already running (see brokers.PostgresBroker). The NOTIFY is
+        # delivered at commit, and not at all on rollback.
+        cursor.execute(
+            f"""
+            WITH xact AS MATERIALIZED (SELECT pg_current_xact_id()),
+            ins AS (
+                INSERT INTO {table} (id, channel, parent, type, data, created_at)
+                SELECT nextval(%s::regclass), %s, %s, %s, %s, now() FROM xact
+                RETURNING id
+            )
+            SELECT id, pg_notify(%s, '') FROM ins
+            """,  # noqa: S608 - the table name is the model's own
+            [seq, channel, parent, event_type, data, NOTIFY_CHANNEL],
+        )
+        return cursor.fetchone()[0]
+
+
+def publish(
+    channel: str,
+    event_type: str,
+    payload: Any,
+    *,
+    parent: str = "",
+    using: str | None = None,
+) -> int:
+    """Store an event in the caller's transaction; wake streams after commit.
+
+    Returns the event id. Nothing is sent if the transaction rolls back.
+    """
+    _validate_name("channel", channel, MAX_CHANNEL_LENGTH)
+    _validate_name("event type", event_type, MAX_TYPE_LENGTH)
+    if parent:
+        _validate_name("parent channel", parent, MAX_CHANNEL_LENGTH)
+    data = dumps(payload)
+    alias = using or DEFAULT_DB_ALIAS
+    conn = connections[alias]
+    if conn.vendor == "postgresql":
+        event_id = _pg_insert(conn, channel, parent, event_type, data)
+    else:
+        event_id = (
+            Event.objects.using(alias)
+            .create(channel=channel, parent=parent, type=event_type, data=data)
+            .pk
+        )
+    transaction.on_commit(get_hub().poke, using=alias)
+    return event_id
+
+
+async def apublish(
+    channel: str, event_type: str, payload: Any, *, parent: str = "", using: str | None = None
+) -> int:
+    """:func:`publish` from async code (its own transaction)."""
+    from .db import run_db
+
+    return await run_db(publish, channel, event_type, payload, parent=parent, using=using)
+
+
+def _rows_to_events(rows: Iterable[tuple]) -> list[StoredEvent]:
+    return [StoredEvent(*row) for row in rows]
+
+
+def read_after(after: int, limit: int) -> list[StoredEvent]:
+    """All events with ids above ``after`` (the broker's read), in id order."""
+    rows = Event.objects.filter(id__gt=after).order_by("id").values_list(*_FIELDS)[:limit]
+    return _rows_to_events(rows)
+
+
+def read_channels(
+    channels: Iterable[str], after: int, upto: int, limit: int
+) -> list[StoredEvent]:
+    """Events of ``channels`` (or their children) with ``after < id <= upto``."""
+    channels = list(channels)
+    rows = (
+        Event.objects.filter(Q(channel__in=channels) | Q(parent__in=channels))
+        .filter(id__gt=after, id__lte=upto)
+        .order_by("id")
+        .values_list(*_FIELDS)[:limit]
+    )
+    return _rows_to_events(rows)
+
+
+def latest_id() -> int:
+    return Event.objects.aggregate(m=Max("id"))["m"] or 0
+
+
+def log_bounds() -> tuple[int, int]:
+    """(pruned_through, latest id): a resume id must lie between them."""
+    state = EventLogState.objects.filter(pk=1).values_list("pruned_through", flat=True).first()
+    pruned = state or 0
+    return pruned, max(latest_id(), pruned)

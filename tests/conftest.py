@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.db import connection
+from django.test import Client
+
+from ssechat.accounts.models import ApiToken
+
+from .live import LiveServer, runserver, uvicorn_server
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def pytest_collection_modifyitems(config, items):
+    chromium = shutil.which("chromium") or os.path.exists("/usr/bin/chromium")
+    on_postgres = connection.vendor == "postgresql"
+    for item in items:
+        if "browser" in item.keywords and not chromium:
+            item.add_marker(pytest.mark.skip(reason="Debian's chromium is not installed"))
+        if "postgres" in item.keywords and not on_postgres:
+            item.add_marker(pytest.mark.skip(reason="needs DATABASE_URL on PostgreSQL"))
+
+
+@pytest.fixture(scope="session")
+def log_dir() -> Path:
+    path = ARTIFACTS / "logs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def live_server(django_db_setup, django_db_blocker, log_dir) -> LiveServer:
+    """One uvicorn server for the session, on the test database."""
+    with django_db_blocker.unblock():
+        server = uvicorn_server(log_dir, SSECHAT_KEEPALIVE_SECONDS="1").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_server(django_db_blocker, log_dir):
+    """Start extra servers (own settings, several workers); all are stopped after the test."""
+    servers: list[LiveServer] = []
+
+    def start(kind: str = "uvicorn", **env) -> LiveServer:
+        with django_db_blocker.unblock():
+            factory = runserver if kind == "runserver" else uvicorn_server
+            server = factory(log_dir, **env)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def make_user(transactional_db):
+    User = get_user_model()
+
+    def make(username: str = "alice", password: str = "correct horse battery", **extra):
+        return User.objects.create_user(username=username, password=password, **extra)
+
+    return make
+
+
+@pytest.fixture
+def alice(make_user):
+    return make_user("alice")
+
+
+@pytest.fixture
+def bob(make_user):
+    return make_user("bob")
+
+
+def session_cookies(user) -> dict[str, str]:
+    """Cookies of a logged-in session for ``user`` (stored in the shared database)."""
+    client = Client()
+    client.force_login(user)
+    client.get("/healthz")
+    return {name: morsel.value for name, morsel in client.cookies.items()}
+
+
+@pytest.fixture
+def login_cookies():
+    return session_cookies
+
+
+@pytest.fixture
+def api_token():
+    def make(user) -> str:
+        return ApiToken.create_for(user, name="test")[1]
+
+    return make

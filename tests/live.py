@@ -1,0 +1,137 @@
+"""Real servers for tests: uvicorn (or manage.py runserver) on a free port of 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_SECRET_KEY = "test-secret-key-only-for-the-test-suite"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def database_url() -> str:
+    """A DATABASE_URL for the test database the test process is using."""
+    s = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{s['NAME']}"
+    if connection.vendor == "postgresql":
+        auth = quote(s["USER"] or "")
+        if s.get("PASSWORD"):
+            auth += ":" + quote(s["PASSWORD"])
+        host = s.get("HOST") or "127.0.0.1"
+        port = s.get("PORT") or 5432
+        return f"postgres://{auth}@{host}:{port}/{s['NAME']}"
+    raise RuntimeError(f"no live-server support for {connection.vendor}")
+
+
+def server_env(**overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="ssechat.settings",
+        SECRET_KEY=TEST_SECRET_KEY,
+        DEBUG="0",
+        DATABASE_URL=database_url(),
+        ALLOWED_HOSTS="127.0.0.1,localhost",
+        SESSION_COOKIE_SECURE="0",
+        CSRF_COOKIE_SECURE="0",
+        SSECHAT_STATS="1",
+        LOG_LEVEL="INFO",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+class LiveServer:
+    """A server process; ``url`` is its base URL. Logs go to ``log_path``."""
+
+    def __init__(self, command: list[str], port: int, env: dict[str, str], log_path: Path):
+        self.command, self.port, self.env, self.log_path = command, port, env, log_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> LiveServer:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            self.command, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server did not become healthy:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-5000:]
+        except OSError:
+            return ""
+
+    def stats(self) -> dict:
+        return httpx.get(self.url + "/healthz", timeout=5).json()
+
+    def signal(self, sig: int) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        if self.proc:
+            self.proc.wait(5)
+
+
+def uvicorn_server(log_dir: Path, *, workers: int = 1, **env: str) -> LiveServer:
+    port = free_port()
+    command = [
+        sys.executable, "-m", "uvicorn", "ssechat.asgi:application",
+        "--host", "127.0.0.1", "--port", str(port), "--lifespan", "on",
+        "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+    ]  # fmt: skip
+    if workers > 1:
+        command += ["--workers", str(workers)]
+    return LiveServer(command, port, server_env(**env), log_dir / f"uvicorn-{port}.log")
+
+
+def runserver(log_dir: Path, *, reload: bool = False, **env: str) -> LiveServer:
+    port = free_port()
+    command = [sys.executable, "manage.py", "runserver", f"127.0.0.1:{port}"]
+    if not reload:
+        command.append("--noreload")
+    overrides = {"DEBUG": "1", **env}
+    return LiveServer(command, port, server_env(**overrides), log_dir / f"runserver-{port}.log")
