@@ -132,3 +132,14 @@ def api_view(methods: tuple[str, ...] = ("GET",), *, login_required: bool = True
         return wrapper
 
     return decorator
+
+
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
+    """CSRF failures: JSON on API URLs, Django's own page elsewhere."""
+    if request.path.startswith(("/api/", "/v1/")) or request.path.endswith("/stream/"):
+        return json_error(
+            403, "csrf_failed", f"CSRF check failed ({reason}). Send the X-CSRFToken header."
+        )
+    from django.views.csrf import csrf_failure as django_csrf_failure
+
+    return django_csrf_failure(request, reason)

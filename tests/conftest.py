@@ -33,6 +33,12 @@ def log_dir() -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _live_server_helper():
+    """Replace pytest-django's hook for its own (WSGI) live_server: ours is uvicorn."""
+    yield
+
+
 @pytest.fixture(scope="session")
 def live_server(django_db_setup, django_db_blocker, log_dir) -> LiveServer:
     """One uvicorn server for the session, on the test database."""

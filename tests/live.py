@@ -42,7 +42,7 @@ def database_url() -> str:
 def server_env(**overrides: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        DJANGO_SETTINGS_MODULE="ssechat.settings",
+        DJANGO_SETTINGS_MODULE="tests.server_settings",
         SECRET_KEY=TEST_SECRET_KEY,
         DEBUG="0",
         DATABASE_URL=database_url(),
