@@ -13,6 +13,7 @@ import asyncio
 import json
 import re
 import socket
+import ssl
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -122,6 +123,20 @@ def upstream_error_message(error: Any) -> str:
     return f"The model server reported an error: {_snippet(text) or 'no details'}"
 
 
+_DNS_WORDS = ("name or service", "name resolution", "nodename", "getaddrinfo", "no address")
+_ssl_lock = threading.Lock()
+_ssl: ssl.SSLContext | None = None
+
+
+def _ssl_context() -> ssl.SSLContext:
+    """One default TLS context for every client (loading the CA bundle is slow)."""
+    global _ssl
+    with _ssl_lock:
+        if _ssl is None:
+            _ssl = httpx.create_ssl_context()
+        return _ssl
+
+
 def _has_cause(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -159,7 +174,9 @@ class HTTPBackend(Backend):
         self.read_timeout = read_timeout if read_timeout and read_timeout > 0 else None
         self.max_connections = max_connections
         self._transport = transport
-        self._clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+        self._clients: dict[
+            asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, asyncio.Task[None]]
+        ] = {}
         self._lock = threading.Lock()
 
     # -- client per loop ------------------------------------------------------
@@ -180,6 +197,7 @@ class HTTPBackend(Backend):
             keepalive_expiry=30.0,
         )
         return httpx.AsyncClient(
+            verify=_ssl_context(),
             timeout=timeout,
             limits=limits,
             headers=self._headers(),
@@ -191,22 +209,41 @@ class HTTPBackend(Backend):
         """The shared client of the running event loop."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            client = self._clients.get(loop)
-            if client is None or client.is_closed:
-                # Forget clients of loops that are gone; their sockets die with them.
-                for old in [old for old in self._clients if old.is_closed()]:
-                    del self._clients[old]
-                client = self._clients[loop] = self._new_client()
+            entry = self._clients.get(loop)
+            if entry is not None and not entry[0].is_closed:
+                return entry[0]
+            # Forget clients of loops that are gone.
+            for old in [old for old in self._clients if old.is_closed()]:
+                del self._clients[old]
+            client = self._new_client()
+            # A task that waits for ever and closes the client when it is cancelled:
+            # asyncio.run() and its kin cancel every task before closing their loop, so
+            # the pooled connections are closed properly instead of leaking.
+            guard = loop.create_task(self._guard(loop, client), name=f"ssechat-llm-{self.name}")
+            self._clients[loop] = (client, guard)
             return client
 
+    async def _guard(self, loop: asyncio.AbstractEventLoop, client: httpx.AsyncClient) -> None:
+        try:
+            await loop.create_future()
+        finally:
+            with self._lock:
+                entry = self._clients.get(loop)
+                if entry is not None and entry[0] is client:
+                    del self._clients[loop]
+            await client.aclose()
+
     async def aclose(self) -> None:
+        """Close the client of the running event loop (a new one is made when needed)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # pragma: no cover - called without a loop
             return
         with self._lock:
-            client = self._clients.pop(loop, None)
-        if client is not None:
+            entry = self._clients.pop(loop, None)
+        if entry is not None:
+            client, guard = entry
+            guard.cancel()
             await client.aclose()
 
     # -- errors ---------------------------------------------------------------
@@ -231,24 +268,29 @@ class HTTPBackend(Backend):
                 f"within {_fmt_seconds(self.connect_timeout)}."
             )
         if isinstance(exc, httpx.ReadTimeout):
-            return LLMError(f"The model server stopped answering for {_fmt_seconds(self.read_timeout)}.")
-        if isinstance(exc, httpx.WriteTimeout):
             return LLMError(
-                f"The model server did not take the request within {_fmt_seconds(self.read_timeout)}."
+                f"The model server stopped answering for {_fmt_seconds(self.read_timeout)}."
             )
+        if isinstance(exc, httpx.WriteTimeout):
+            waited = _fmt_seconds(self.read_timeout)
+            return LLMError(f"The model server did not take the request within {waited}.")
         if isinstance(exc, httpx.PoolTimeout):
             return LLMError("Too many answers are being generated at once; try again shortly.")
         if isinstance(exc, httpx.ConnectError):
             if _has_cause(exc, (ConnectionRefusedError,)) or "refused" in str(exc).lower():
                 return LLMError(f"The model server at {where} refused the connection.")
-            if _has_cause(exc, (socket.gaierror,)) or "name" in str(exc).lower():
-                return LLMError(f"The model server host in {where} could not be found.")
+            text = str(exc).lower()
+            if _has_cause(exc, (socket.gaierror,)) or any(w in text for w in _DNS_WORDS):
+                return LLMError(
+                    f"The model server at {where} could not be found (DNS lookup failed)."
+                )
             return LLMError(f"The model server at {where} could not be reached: {exc}")
         if isinstance(exc, httpx.RemoteProtocolError):
             return LLMError("The model server ended the answer early.")
         if isinstance(exc, httpx.ReadError | httpx.WriteError | httpx.CloseError):
             return LLMError(f"The connection to the model server at {where} broke.")
-        return LLMError(f"The request to the model server at {where} failed: {exc or type(exc).__name__}")
+        detail = str(exc) or type(exc).__name__
+        return LLMError(f"The request to the model server at {where} failed: {detail}")
 
     async def status_error(self, response: httpx.Response) -> LLMError:
         """The :class:`LLMError` for a response with a 4xx or 5xx status."""
@@ -262,17 +304,19 @@ class HTTPBackend(Backend):
             pass
         detail = _error_text(body[:MAX_ERROR_BODY])
         status = response.status_code
-        if status == 401:
-            if self.api_key:
-                head = "The model server refused the API key (401)"
-            else:
-                head = "The model server wants an API key (401); set SSECHAT_LLM_API_KEY"
+        if status == 401 and self.api_key:
+            head, tail = "The model server refused the API key (401)", ""
+        elif status == 401:
+            head, tail = "The model server wants an API key (401)", " Set SSECHAT_LLM_API_KEY."
         else:
-            head = f"The model server answered {status}"
+            head, tail = f"The model server answered {status}", ""
         if detail:
-            return LLMError(f"{head}: {detail}")
+            end = "" if detail.endswith((".", "!", "?", "…")) else "."
+            return LLMError(f"{head}: {detail}{end}{tail}")
         reason = response.reason_phrase
-        return LLMError(f"{head} ({reason})." if reason and status != 401 else f"{head}.")
+        if reason and status != 401:
+            return LLMError(f"{head} ({reason}).")
+        return LLMError(f"{head}.{tail}")
 
     @staticmethod
     def malformed(line: str) -> LLMError:
