@@ -104,3 +104,4 @@ def api_token():
         return ApiToken.create_for(user, name="test")[1]
 
     return make
+from .browser import *  # noqa: F403,E402
