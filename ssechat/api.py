@@ -92,7 +92,9 @@ def parse_json_body(request: HttpRequest, *, max_bytes: int | None = None) -> di
     except RecursionError as exc:
         raise ApiError(400, "The JSON body is nested too deeply.", code="invalid_json") from exc
     except ValueError as exc:
-        raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
+        raise ApiError(
+            400, f"The request body is not valid JSON: {exc}", code="invalid_json"
+        ) from exc
     if not isinstance(data, dict):
         raise ApiError(400, "The JSON body must be an object.", code="invalid_json")
     if _depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:

@@ -14,7 +14,9 @@ from ssechat.streams.handler import ASGIHandler  # noqa: E402
 
 django_application = ASGIHandler()
 _static = ASGIStaticFilesHandler(django_application) if settings.SSECHAT_SERVE_STATIC else None
-_static_prefix = settings.STATIC_URL if settings.STATIC_URL.startswith("/") else "/" + settings.STATIC_URL
+_static_prefix = (
+    settings.STATIC_URL if settings.STATIC_URL.startswith("/") else "/" + settings.STATIC_URL
+)
 
 
 async def application(scope, receive, send):

@@ -9,7 +9,6 @@ import threading
 from datetime import UTC, datetime
 
 from django.conf import settings
-
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
@@ -31,9 +30,14 @@ def _ping_database() -> None:
 async def healthz(request: HttpRequest) -> JsonResponse:
     try:
         await run_db(_ping_database)
-    except Exception as exc:  # noqa: BLE001 - any failure means "down"
+    except Exception as exc:
         return JsonResponse(
-            {"status": "error", "database": "down", "detail": str(exc)[:200], "broker": broker_name()},
+            {
+                "status": "error",
+                "database": "down",
+                "detail": str(exc)[:200],
+                "broker": broker_name(),
+            },
             status=503,
         )
     body = {"status": "ok", "database": "ok", "broker": broker_name()}
@@ -80,7 +84,7 @@ async def _random_values(first_id: int):
     try:
         next_id, due = first_id, loop.time()
         while True:
-            value = random.randint(1, 100)  # noqa: S311 - a demo, not a secret
+            value = random.randint(1, 100)
             at = datetime.now(UTC).isoformat(timespec="milliseconds")
             conn.wrote()
             yield encode_json_event({"value": value, "at": at}, id=next_id)

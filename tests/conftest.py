@@ -33,6 +33,17 @@ def log_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _close_worker_thread_connections(django_db_setup):
+    """Async tests run ORM code on asgiref's worker thread; close its connection
+    before the test database is dropped."""
+    yield
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=10)
+
+
 @pytest.fixture(autouse=True)
 def _live_server_helper():
     """Replace pytest-django's hook for its own (WSGI) live_server: ours is uvicorn."""
@@ -104,4 +115,6 @@ def api_token():
         return ApiToken.create_for(user, name="test")[1]
 
     return make
+
+
 from .browser import *  # noqa: F403,E402

@@ -5,8 +5,8 @@ import tempfile
 
 os.environ.setdefault("SECRET_KEY", "test-secret-key-only-for-the-test-suite")
 
-from ssechat.settings import *  # noqa: E402,F403
-from ssechat.settings import DATABASES  # noqa: E402
+from ssechat.settings import *  # noqa: F403
+from ssechat.settings import DATABASES
 
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # A file, not memory: the uvicorn servers the tests start read the same database.

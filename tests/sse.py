@@ -68,12 +68,10 @@ class EventStreamParser:
             self._type = value
         elif name == "data":
             self._data.append(value)
-        elif name == "id":
-            if "\x00" not in value:
-                self.last_event_id = value
-        elif name == "retry":
-            if value.isdigit() and value.isascii():
-                self.retry = int(value)
+        elif name == "id" and "\x00" not in value:
+            self.last_event_id = value
+        elif name == "retry" and value.isdigit() and value.isascii():
+            self.retry = int(value)
 
     def _dispatch(self) -> None:
         if not self._data:

@@ -49,14 +49,14 @@ async def test_keepalive_comments_when_idle(live_server):
     ],
 )
 async def test_accept_negotiation(live_server, accept, status):
-    async with httpx.AsyncClient(base_url=live_server.url, timeout=5) as client:
-        async with client.stream(
-            "GET", "/test/channels/x/stream/", headers={"Accept": accept}
-        ) as response:
-            assert response.status_code == status
-            if status == 406:
-                body = await response.aread()
-                assert b'"error": "not_acceptable"' in body
+    async with (
+        httpx.AsyncClient(base_url=live_server.url, timeout=5) as client,
+        client.stream("GET", "/test/channels/x/stream/", headers={"Accept": accept}) as response,
+    ):
+        assert response.status_code == status
+        if status == 406:
+            body = await response.aread()
+            assert b'"error": "not_acceptable"' in body
 
 
 async def test_no_accept_header_is_fine(live_server):
@@ -151,13 +151,13 @@ async def test_sigterm_ends_open_streams_and_the_process_exits(start_server):
 
 
 async def test_demo_stream_resumes_its_counter(live_server):
-    async with httpx.AsyncClient(base_url=live_server.url, timeout=5) as client:
-        async with aconnect_sse(
-            client, "GET", "/demo/stream/", headers={"Last-Event-ID": "41"}
-        ) as source:
-            async for event in source.aiter_sse():
-                if not event.data:  # httpx-sse reports the bare `retry:` frame too
-                    continue
-                assert event.id == "42"
-                assert 1 <= int(__import__("json").loads(event.data)["value"]) <= 100
-                break
+    async with (
+        httpx.AsyncClient(base_url=live_server.url, timeout=5) as client,
+        aconnect_sse(client, "GET", "/demo/stream/", headers={"Last-Event-ID": "41"}) as source,
+    ):
+        async for event in source.aiter_sse():
+            if not event.data:  # httpx-sse reports the bare `retry:` frame too
+                continue
+            assert event.id == "42"
+            assert 1 <= int(__import__("json").loads(event.data)["value"]) <= 100
+            break

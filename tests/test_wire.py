@@ -22,7 +22,9 @@ ids = st.from_regex(r"[0-9A-Za-z._:-]{1,30}", fullmatch=True)
 names = st.from_regex(r"[a-z][a-z0-9_.-]{0,20}", fullmatch=True)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
     max_leaves=20,
 )
 

@@ -20,7 +20,8 @@ from ssechat.urls import urlpatterns as project_urlpatterns
 
 async def _channel_stream(request, channel, user_id=None):
     channels = [channel] + [c for c in request.GET.get("also", "").split(",") if c]
-    stream = EventStream(channels, resume_id(request), user_id=user_id)
+    from_start = request.GET.get("from") == "start"
+    stream = EventStream(channels, resume_id(request), from_start=from_start, user_id=user_id)
     return EventStreamResponse(stream, label=request.path, user_id=user_id)
 
 

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
-TOKEN_PREFIX = "ssc_"
+TOKEN_PREFIX = "ssc_"  # noqa: S105 - a label, not a secret
 
 
 def hash_token(token: str) -> str:

@@ -69,7 +69,7 @@ class _Backoff:
         self.delay = self.first
 
     async def sleep(self) -> None:
-        await asyncio.sleep(self.delay * (0.5 + random.random()))  # noqa: S311
+        await asyncio.sleep(self.delay * (0.5 + random.random()))
         self.delay = min(self.cap, self.delay * 2)
 
 
@@ -214,7 +214,7 @@ class PostgresBroker:
                     self._wake.set()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - any failure means: reconnect
+            except Exception as exc:
                 self.listening = False
                 self.reconnects += 1
                 logger.warning("postgres broker: listening connection lost (%s); reconnecting", exc)
@@ -224,7 +224,7 @@ class PostgresBroker:
                 if conn is not None:
                     try:
                         await conn.close()
-                    except Exception:  # noqa: BLE001
+                    except Exception:
                         pass
 
     async def _read_loop(self) -> None:
@@ -243,12 +243,12 @@ class PostgresBroker:
                 backoff.reset()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 logger.warning("postgres broker: reading events failed (%s); retrying", exc)
                 if self._reader is not None:
                     try:
                         await self._reader.close()
-                    except Exception:  # noqa: BLE001
+                    except Exception:
                         pass
                     self._reader = None
                 await backoff.sleep()
@@ -316,7 +316,7 @@ class PostgresBroker:
         if self._reader is not None:
             try:
                 await self._reader.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
             self._reader = None
 

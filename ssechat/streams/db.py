@@ -44,7 +44,7 @@ def _close_broken_connections() -> None:
     for conn in connections.all(initialized_only=True):
         try:
             conn.close()
-        except Exception:  # noqa: BLE001 - the connection is already gone
+        except Exception:
             logger.debug("closing a broken connection failed", exc_info=True)
 
 
@@ -78,9 +78,7 @@ def spawn(coro: Coroutine[Any, Any, Any], *, name: str | None = None) -> asyncio
     context (which ends with the request), and a reference is kept so it is not
     garbage-collected mid-run. Use :func:`run_db` for its database work.
     """
-    task = asyncio.get_running_loop().create_task(
-        coro, name=name, context=contextvars.Context()
-    )
+    task = asyncio.get_running_loop().create_task(coro, name=name, context=contextvars.Context())
     _background.add(task)
     task.add_done_callback(_background.discard)
     return task

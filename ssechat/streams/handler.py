@@ -86,7 +86,7 @@ class ASGIHandler(DjangoASGIHandler):
                 install_shutdown_hook()
                 try:
                     await asyncio.wait_for(get_hub().start(), 10)
-                except Exception as exc:  # noqa: BLE001 - streams start it later
+                except Exception as exc:
                     logger.warning("broker not started at startup (%s); will retry on use", exc)
                 for hook in STARTUP_HOOKS:
                     try:
@@ -185,12 +185,12 @@ class ASGIHandler(DjangoASGIHandler):
             await response.aclose()
 
     async def _send_stream(self, response: EventStreamResponse, send) -> None:
-        headers = [
-            (k.encode("ascii"), v.encode("latin1")) for k, v in response.items()
-        ]
+        headers = [(k.encode("ascii"), v.encode("latin1")) for k, v in response.items()]
         for cookie in response.cookies.values():
             headers.append((b"Set-Cookie", cookie.output(header="").encode("ascii").strip()))
-        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        await send(
+            {"type": "http.response.start", "status": response.status_code, "headers": headers}
+        )
         async for chunk in response.frames:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

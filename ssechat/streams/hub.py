@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from django.conf import settings
 
-from .wire import KEEPALIVE, encode_event
+from .wire import encode_event
 
 logger = logging.getLogger("ssechat.streams")
 
@@ -26,7 +26,7 @@ class StoredEvent:
 
     __slots__ = ("_frame", "cache", "channel", "data", "id", "parent", "type")
 
-    def __init__(self, id: int, channel: str, parent: str, type: str, data: str):  # noqa: A002
+    def __init__(self, id: int, channel: str, parent: str, type: str, data: str):
         self.id = id
         self.channel = channel
         self.parent = parent

@@ -106,9 +106,7 @@ def read_after(after: int, limit: int) -> list[StoredEvent]:
     return _rows_to_events(rows)
 
 
-def read_channels(
-    channels: Iterable[str], after: int, upto: int, limit: int
-) -> list[StoredEvent]:
+def read_channels(channels: Iterable[str], after: int, upto: int, limit: int) -> list[StoredEvent]:
     """Events of ``channels`` (or their children) with ``after < id <= upto``."""
     channels = list(channels)
     rows = (

@@ -84,7 +84,11 @@ class EventStreamResponse(StreamingHttpResponse):
                     frames += 1
                     yield frame
         except BaseException as exc:
-            reason = "client gone" if exc.__class__.__name__ in {"CancelledError", "GeneratorExit"} else repr(exc)
+            reason = (
+                "client gone"
+                if exc.__class__.__name__ in {"CancelledError", "GeneratorExit"}
+                else repr(exc)
+            )
             raise
         finally:
             closer = getattr(self.source, "aclose", None)
@@ -128,9 +132,7 @@ def event_stream_view(
                 if not user.is_authenticated:
                     return json_error(401, "not_authenticated", "Log in or send a Bearer token.")
             if not accepts_event_stream(request):
-                return json_error(
-                    406, "not_acceptable", "This URL serves text/event-stream only."
-                )
+                return json_error(406, "not_acceptable", "This URL serves text/event-stream only.")
             if login_required:
                 limit = settings.SSECHAT_MAX_STREAMS_PER_USER
                 if limit > 0 and get_hub().open_count(user.pk) >= limit:

@@ -14,7 +14,8 @@ DELETE_BATCH = 10_000
 
 
 def prune_cutoff(max_age_seconds: float | None, keep_count: int | None) -> int:
-    """The highest id to delete: older than ``max_age_seconds`` or beyond the newest ``keep_count``."""
+    """The highest id to delete: older than ``max_age_seconds``, or not among the
+    newest ``keep_count``."""
     cutoff = 0
     if max_age_seconds is not None and max_age_seconds >= 0:
         before = timezone.now() - timedelta(seconds=max_age_seconds)
@@ -24,9 +25,9 @@ def prune_cutoff(max_age_seconds: float | None, keep_count: int | None) -> int:
         if keep_count == 0:
             cutoff = max(cutoff, latest)
         else:
-            nth = (
-                Event.objects.order_by("-id").values_list("id", flat=True)[keep_count - 1 : keep_count]
-            )
+            nth = Event.objects.order_by("-id").values_list("id", flat=True)[
+                keep_count - 1 : keep_count
+            ]
             nth_id = next(iter(nth), None)
             if nth_id is not None:
                 cutoff = max(cutoff, nth_id - 1)
@@ -46,9 +47,9 @@ def prune_events(max_age_seconds: float | None, keep_count: int | None) -> tuple
                 state.save(update_fields=["pruned_through"])
         while True:
             ids = list(
-                Event.objects.filter(id__lte=cutoff).order_by("id").values_list("id", flat=True)[
-                    :DELETE_BATCH
-                ]
+                Event.objects.filter(id__lte=cutoff)
+                .order_by("id")
+                .values_list("id", flat=True)[:DELETE_BATCH]
             )
             if not ids:
                 break

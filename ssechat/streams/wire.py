@@ -53,7 +53,7 @@ def encode_event(
     data: str,
     *,
     event: str | None = None,
-    id: str | int | None = None,  # noqa: A002 - the SSE field is called id
+    id: str | int | None = None,
     retry: int | None = None,
 ) -> bytes:
     """One SSE frame. ``data`` is text; use :func:`dumps` for JSON payloads."""
@@ -70,7 +70,10 @@ def encode_event(
 
 
 def encode_json_event(
-    payload: Any, *, event: str | None = None, id: str | int | None = None  # noqa: A002
+    payload: Any,
+    *,
+    event: str | None = None,
+    id: str | int | None = None,
 ) -> bytes:
     return encode_event(dumps(payload), event=event, id=id)
 
