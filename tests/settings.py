@@ -14,4 +14,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "NAME": os.path.join(tempfile.gettempdir(), f"ssechat-test-{os.getpid()}.sqlite3")
     }
 
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # One test database per run, so that runs side by side do not collide.
+    DATABASES["default"]["TEST"] = {"NAME": f"test_ssechat_{os.getpid()}"}
+
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -59,10 +59,13 @@ class EventStreamResponse(StreamingHttpResponse):
         retry_ms: int | None = None,
         label: str = "",
         user_id: int | None = None,
+        stream: Any = None,
         status: int = 200,
         headers: dict[str, str] | None = None,
     ):
         self.source = source
+        # The EventStream behind ``source`` when a view wraps it: released here for sure.
+        self.stream = stream if stream is not None else source
         self.retry_ms = settings.SSECHAT_RETRY_MS if retry_ms is None else retry_ms
         self.label = label
         self.user_id = user_id
@@ -94,7 +97,10 @@ class EventStreamResponse(StreamingHttpResponse):
             closer = getattr(self.source, "aclose", None)
             if closer is not None:
                 await closer()
-            connection = getattr(self.source, "connection", None)
+            release = getattr(self.stream, "close", None)
+            if release is not None and self.stream is not self.source:
+                release()
+            connection = getattr(self.stream, "connection", None)
             if connection is not None and connection.close_reason:
                 reason = connection.close_reason
             logger.info(
