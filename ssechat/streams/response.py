@@ -98,7 +98,7 @@ class EventStreamResponse(StreamingHttpResponse):
             if closer is not None:
                 await closer()
             release = getattr(self.stream, "close", None)
-            if release is not None and self.stream is not self.source:
+            if release is not None:
                 release()
             connection = getattr(self.stream, "connection", None)
             if connection is not None and connection.close_reason:
