@@ -123,7 +123,8 @@ def api_view(methods: tuple[str, ...] = ("GET",), *, login_required: bool = True
                 response["Allow"] = ", ".join(methods)
                 return response
             if login_required:
-                user = await request.auser()
+                # Resolve the user once, so the view can read request.user without a sync query.
+                request.user = user = await request.auser()
                 if not user.is_authenticated:
                     return json_error(401, "not_authenticated", "Log in or send a Bearer token.")
             try:

@@ -8,7 +8,6 @@ is answered 401 at once, so a script never silently acts as anonymous.
 from __future__ import annotations
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-from django.contrib.auth.models import AnonymousUser
 from django.utils import timezone
 
 from ssechat.api import json_error
@@ -67,6 +66,4 @@ class BearerTokenMiddleware:
                 request.auser = auser
                 request.auth_token = True
                 request._dont_enforce_csrf_checks = True
-            elif isinstance(getattr(request, "user", None), AnonymousUser):
-                pass
         return await self.get_response(request)

@@ -134,7 +134,7 @@ def event_stream_view(
                 response["Allow"] = "GET"
                 return response
             if login_required:
-                user = await request.auser()
+                request.user = user = await request.auser()
                 if not user.is_authenticated:
                     return json_error(401, "not_authenticated", "Log in or send a Bearer token.")
             if not accepts_event_stream(request):
