@@ -1,0 +1,212 @@
+"""The chat's JSON API: conversations, messages, cancel and regenerate.
+
+Everything is scoped to the requesting user: anything else is 404. Answers
+are generated in the background (``chat.generation``); these views only
+create rows, publish their snapshots and start the task once committed.
+"""
+
+from __future__ import annotations
+
+from asgiref.sync import sync_to_async
+from django.db import transaction
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.urls import reverse
+from django.utils import timezone
+
+from ssechat.api import ApiError, api_view, parse_json_body
+
+from . import generation
+from .limits import check_answer_limits, check_message_length, clean_text
+from .models import TITLE_MAX_LENGTH, Conversation, Message
+from .recovery import fail_if_abandoned
+from .serializers import conversation_json, message_json
+
+MAX_PK = 2**63 - 1
+
+
+def not_found(what: str = "conversation") -> ApiError:
+    return ApiError(404, f"No such {what}.", code="not_found")
+
+
+def check_pk(pk: int, what: str = "conversation") -> int:
+    if pk > MAX_PK:  # beyond a 64-bit key: it cannot exist
+        raise not_found(what)
+    return pk
+
+
+def stream_url(message_id: int) -> str:
+    return reverse("chat-api-message-stream", args=[message_id])
+
+
+def _optional_body(request: HttpRequest) -> dict:
+    return parse_json_body(request) if request.body.strip() else {}
+
+
+def _title(body: dict, *, required: bool) -> str:
+    if "title" not in body or body["title"] is None:
+        if required:
+            raise ApiError(400, "'title' is required.", code="invalid_field", field="title")
+        return ""
+    title = clean_text(body["title"], "title", max_chars=TITLE_MAX_LENGTH, required=False)
+    return " ".join(title.split())
+
+
+# -- conversations --------------------------------------------------------------
+
+
+def _owned_conversation(user_id: int, pk: int, *, lock: bool = False) -> Conversation:
+    query = Conversation.objects.filter(pk=check_pk(pk), owner_id=user_id)
+    if lock:
+        query = query.select_for_update(no_key=True)
+    conversation = query.first()
+    if conversation is None:
+        raise not_found()
+    return conversation
+
+
+@api_view(("GET", "POST"))
+async def conversations(request: HttpRequest) -> HttpResponse:
+    user = request.user
+    if request.method == "GET":
+        rows = Conversation.objects.filter(owner_id=user.pk).order_by("-updated_at", "-id")
+        return JsonResponse({"results": [conversation_json(c) async for c in rows]})
+    title = _title(_optional_body(request), required=False)
+    now = timezone.now()
+    conversation = await Conversation.objects.acreate(
+        owner_id=user.pk, title=title, created_at=now, updated_at=now
+    )
+    return JsonResponse(conversation_json(conversation), status=201)
+
+
+def _detail(user_id: int, pk: int) -> dict:
+    return conversation_json(_owned_conversation(user_id, pk), messages=True)
+
+
+def _rename(user_id: int, pk: int, title: str) -> dict:
+    with transaction.atomic():
+        conversation = _owned_conversation(user_id, pk, lock=True)
+        conversation.title = title
+        conversation.updated_at = timezone.now()
+        conversation.save(update_fields=["title", "updated_at"])
+    return conversation_json(conversation)
+
+
+def _delete(user_id: int, pk: int) -> None:
+    conversation = _owned_conversation(user_id, pk)
+    # Streaming answers get their `done` first, so open streams end properly.
+    streaming = Message.objects.filter(conversation=conversation, status=Message.Status.STREAMING)
+    for message_id in streaming.values_list("id", flat=True):
+        generation.cancel_answer_sync(message_id)
+    conversation.delete()
+
+
+@api_view(("GET", "PATCH", "DELETE"))
+async def conversation(request: HttpRequest, pk: int) -> HttpResponse:
+    user_id = request.user.pk
+    if request.method == "GET":
+        return JsonResponse(await sync_to_async(_detail)(user_id, pk))
+    if request.method == "PATCH":
+        title = _title(parse_json_body(request), required=True)
+        return JsonResponse(await sync_to_async(_rename)(user_id, pk, title))
+    await sync_to_async(_delete)(user_id, pk)
+    return HttpResponse(status=204)
+
+
+# -- messages -----------------------------------------------------------------------
+
+
+def _check_idle(conversation: Conversation) -> None:
+    """409 while an answer of ``conversation`` is still being written."""
+    streaming = Message.objects.filter(conversation=conversation, status=Message.Status.STREAMING)
+    for message in streaming:
+        if fail_if_abandoned(message).status == Message.Status.STREAMING:
+            raise ApiError(
+                409,
+                "An answer in this conversation is still being written; "
+                "wait for it to finish or stop it first.",
+                code="answer_in_progress",
+                message_id=message.pk,
+            )
+
+
+def _post_message(user_id: int, pk: int, content: str) -> tuple[Message, Message]:
+    with transaction.atomic():
+        conversation = _owned_conversation(user_id, pk, lock=True)
+        _check_idle(conversation)
+        check_answer_limits(user_id)
+        user_message = generation.create_user_message(conversation, content)
+        answer = generation.create_answer(user_message, conversation)
+    return user_message, answer
+
+
+@api_view(("POST",))
+async def post_message(request: HttpRequest, pk: int) -> HttpResponse:
+    body = parse_json_body(request)
+    if "content" not in body:
+        raise ApiError(400, "'content' is required.", code="invalid_field", field="content")
+    content = check_message_length(body["content"])
+    user_message, answer = await sync_to_async(_post_message)(request.user.pk, pk, content)
+    generation.launch(answer)
+    return JsonResponse(
+        {
+            "user_message": message_json(user_message),
+            "assistant_message": message_json(answer),
+            "stream_url": stream_url(answer.pk),
+        },
+        status=201,
+    )
+
+
+def _owned_message(user_id: int, pk: int) -> Message:
+    message = (
+        Message.objects.select_related("conversation")
+        .filter(pk=check_pk(pk, "message"), conversation__owner_id=user_id)
+        .first()
+    )
+    if message is None:
+        raise not_found("message")
+    return message
+
+
+@api_view(("POST",))
+async def cancel(request: HttpRequest, pk: int) -> HttpResponse:
+    message = await sync_to_async(_owned_message)(request.user.pk, pk)
+    if message.role != Message.Role.ASSISTANT:
+        raise ApiError(400, "Only an answer can be cancelled.", code="not_an_answer")
+    done = await generation.cancel_answer(message.pk)
+    if done is None:  # already finished: cancelling again changes nothing
+        done = await sync_to_async(_owned_message)(request.user.pk, pk)
+    return JsonResponse(message_json(done))
+
+
+def _regenerate(user_id: int, pk: int) -> Message:
+    with transaction.atomic():
+        message = _owned_message(user_id, pk)
+        conversation = _owned_conversation(user_id, message.conversation_id, lock=True)
+        if message.role == Message.Role.USER:
+            user_message = message
+        else:
+            user_message = message.reply_to or (
+                Message.objects.filter(
+                    conversation=conversation, role=Message.Role.USER, id__lt=message.pk
+                )
+                .order_by("-id")
+                .first()
+            )
+        if user_message is None:
+            raise ApiError(
+                400, "This answer replies to no user message.", code="nothing_to_regenerate"
+            )
+        _check_idle(conversation)
+        check_answer_limits(user_id)
+        return generation.create_answer(user_message, conversation)
+
+
+@api_view(("POST",))
+async def regenerate(request: HttpRequest, pk: int) -> HttpResponse:
+    answer = await sync_to_async(_regenerate)(request.user.pk, pk)
+    generation.launch(answer)
+    return JsonResponse(
+        {"assistant_message": message_json(answer), "stream_url": stream_url(answer.pk)},
+        status=201,
+    )

@@ -1,0 +1,160 @@
+"""Limits on what a user may ask of the model, and the chat's tunable settings.
+
+Every limit is read from the settings on each use (``0`` or less turns it off)
+and counted in the database, so it holds across worker processes and hosts:
+
+- ``SSECHAT_CHAT_MAX_MESSAGE_CHARS``: longest message a user may send (400);
+- ``SSECHAT_CHAT_MAX_ACTIVE_ANSWERS``: answers of one user streaming at once (429);
+- ``SSECHAT_CHAT_REQUESTS_PER_MINUTE``: answers one user may start in 60 s (429).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.http import JsonResponse
+from django.utils import timezone
+
+from ssechat.api import ApiError
+
+from .models import Message
+
+RATE_WINDOW_SECONDS = 60
+
+
+def chat_setting(name: str, default: float) -> float:
+    """A number from the settings, else from the environment, else ``default``.
+
+    The generation tunables below are not in ``ssechat.settings``; reading the
+    environment lets a deployment (or a test server) set them anyway.
+    """
+    value: Any = getattr(settings, name, None)
+    if value is None or value == "":
+        value = os.environ.get(name, "").strip() or default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def max_message_chars() -> int:
+    return int(chat_setting("SSECHAT_CHAT_MAX_MESSAGE_CHARS", 32_000))
+
+
+def max_active_answers() -> int:
+    return int(chat_setting("SSECHAT_CHAT_MAX_ACTIVE_ANSWERS", 3))
+
+
+def requests_per_minute() -> int:
+    return int(chat_setting("SSECHAT_CHAT_REQUESTS_PER_MINUTE", 30))
+
+
+# How generation writes: a chunk is stored and published at most every FLUSH_SECONDS,
+# sooner when FLUSH_CHARS have piled up.
+def flush_seconds() -> float:
+    return chat_setting("SSECHAT_CHAT_FLUSH_MS", 50.0) / 1000.0
+
+
+def flush_chars() -> int:
+    return int(chat_setting("SSECHAT_CHAT_FLUSH_CHARS", 300))
+
+
+# How often a process refreshes the heartbeat of its answers and looks for dead ones,
+# and how old a heartbeat must be for its answer to count as abandoned.
+def heartbeat_seconds() -> float:
+    return max(0.05, chat_setting("SSECHAT_CHAT_HEARTBEAT_SECONDS", 10.0))
+
+
+def stale_seconds() -> float:
+    return max(heartbeat_seconds() * 2, chat_setting("SSECHAT_CHAT_STALE_SECONDS", 30.0))
+
+
+class LimitExceeded(ApiError):
+    """A 429 with a ``Retry-After`` header."""
+
+    def __init__(self, detail: str, code: str, retry_after: int):
+        super().__init__(429, detail, code=code, retry_after=retry_after)
+        self.retry_after = retry_after
+
+    def response(self) -> JsonResponse:
+        response = super().response()
+        response["Retry-After"] = str(self.retry_after)
+        return response
+
+
+def clean_text(value: Any, field: str, *, max_chars: int | None = None, required: bool = True):
+    """A text field of a request body, or a 400 naming what is wrong with it."""
+    if not isinstance(value, str):
+        raise ApiError(400, f"'{field}' must be a string.", code="invalid_field", field=field)
+    if required and not value.strip():
+        raise ApiError(400, f"'{field}' must not be empty.", code="invalid_field", field=field)
+    if "\x00" in value:
+        raise ApiError(
+            400, f"'{field}' must not contain NUL characters.", code="invalid_field", field=field
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(
+            400, f"'{field}' is not valid Unicode text.", code="invalid_field", field=field
+        ) from None
+    if max_chars is not None and max_chars > 0 and len(value) > max_chars:
+        raise ApiError(
+            400,
+            f"'{field}' is {len(value)} characters long; the limit is {max_chars}.",
+            code="too_long",
+            field=field,
+            max_chars=max_chars,
+        )
+    return value
+
+
+def check_message_length(content: Any) -> str:
+    return clean_text(content, "content", max_chars=max_message_chars())
+
+
+def check_answer_limits(user_id: int) -> None:
+    """Refuse a new answer for ``user_id`` with 429 when one of the limits is reached.
+
+    Sync ORM code; call it in the transaction that creates the answer.
+    """
+    active = max_active_answers()
+    if active > 0:
+        streaming = Message.objects.filter(
+            conversation__owner_id=user_id,
+            role=Message.Role.ASSISTANT,
+            status=Message.Status.STREAMING,
+        ).count()
+        if streaming >= active:
+            raise LimitExceeded(
+                f"You already have {streaming} answer(s) being written (the limit is {active}); "
+                "wait for one to finish or stop it.",
+                code="too_many_active_answers",
+                retry_after=1,
+            )
+    per_minute = requests_per_minute()
+    if per_minute > 0:
+        since = timezone.now() - timedelta(seconds=RATE_WINDOW_SECONDS)
+        recent = list(
+            Message.objects.filter(
+                conversation__owner_id=user_id,
+                role=Message.Role.ASSISTANT,
+                created_at__gte=since,
+            )
+            .order_by("-created_at")
+            .values_list("created_at", flat=True)[:per_minute]
+        )
+        if len(recent) >= per_minute:
+            # The oldest answer that counts leaves the window first.
+            wait = (recent[-1] - since).total_seconds()
+            retry_after = max(1, math.ceil(wait))
+            raise LimitExceeded(
+                f"Too many requests: at most {per_minute} answers a minute. "
+                f"Try again in {retry_after} s.",
+                code="rate_limited",
+                retry_after=retry_after,
+            )

@@ -1,0 +1,145 @@
+"""Event streams of the chat: one answer, and a whole conversation.
+
+Message stream (``chat:message:<id>``): every ``delta`` of the answer from its
+beginning (or after the client's last id), then ``done``, then the response
+ends. A client that resumes after ``done`` gets 204, which stops EventSource.
+If the answer's events were pruned from the log, its row stands in for them:
+one ``delta`` with the whole text so far (and ``done`` if it has finished).
+
+Conversation stream (``chat:conversation:<id>``): ``message`` snapshots and the
+``delta`` events of every answer (their parent channel), live from now or
+after the client's last id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from django.http import HttpRequest, HttpResponse
+
+from ssechat.api import json_error
+from ssechat.streams.db import run_db
+from ssechat.streams.hub import StoredEvent
+from ssechat.streams.log import log_bounds
+from ssechat.streams.response import EventStreamResponse, event_stream_view
+from ssechat.streams.stream import LIVE, EventStream, Reset, resume_id
+from ssechat.streams.wire import encode_json_event
+
+from .api import MAX_PK
+from .generation import conversation_channel, message_channel
+from .models import Conversation, Message
+from .recovery import fail_if_abandoned
+from .serializers import message_json
+
+
+def _load_answer(user_id: int, pk: int) -> Message | None:
+    message = (
+        Message.objects.filter(
+            pk=pk, conversation__owner_id=user_id, role=Message.Role.ASSISTANT
+        ).first()
+        if pk <= MAX_PK
+        else None
+    )
+    if message is not None and message.status == Message.Status.STREAMING:
+        message = fail_if_abandoned(message)  # its process died: it gets its `done` now
+    return message
+
+
+def _owns_conversation(user_id: int, pk: int) -> bool:
+    return Conversation.objects.filter(pk=pk, owner_id=user_id).exists()
+
+
+def _reload(pk: int) -> Message | None:
+    return Message.objects.filter(pk=pk).first()
+
+
+def _as_int(value: str | None) -> int | None:
+    if value is None or not value.isdigit() or len(value) > 18:
+        return None
+    return int(value)
+
+
+def delta_frame(message: Message, text: str, event_id: int) -> bytes:
+    return encode_json_event({"message_id": message.pk, "text": text}, event="delta", id=event_id)
+
+
+def done_frame(message: Message, event_id: int) -> bytes:
+    return encode_json_event(message_json(message), event="done", id=event_id)
+
+
+@event_stream_view
+async def message_stream(request: HttpRequest, pk: int) -> HttpResponse:
+    user_id = request.user.pk
+    message = await run_db(_load_answer, user_id, pk)
+    if message is None:
+        return json_error(404, "not_found", "No such answer.")
+    resume = resume_id(request)
+    position = _as_int(resume)
+    if (
+        message.finished
+        and position is not None
+        and (message.last_event_id is None or position >= message.last_event_id)
+    ):
+        return HttpResponse(status=204)  # it has seen `done`: EventSource stops here
+
+    prefix: list[bytes] = []
+    start, from_start = resume, True
+    if resume is None:
+        pruned, latest = await run_db(log_bounds)
+        if message.start_event_id is not None and message.start_event_id >= pruned:
+            start = str(message.start_event_id)  # every event of the answer is still stored
+        else:
+            # Some events may be pruned: the row holds the text of every delta so far,
+            # up to last_event_id (both change in one transaction).
+            last = message.last_event_id
+            if message.finished:
+                done_id = last if last is not None else max(latest, 1)
+                if message.content:
+                    prefix.append(delta_frame(message, message.content, max(done_id - 1, 0)))
+                prefix.append(done_frame(message, done_id))
+                return EventStreamResponse(_frames(prefix), label=request.path, user_id=user_id)
+            if message.content and last is not None:
+                prefix.append(delta_frame(message, message.content, last))
+            start = str(max(last or 0, pruned))
+
+    stream = EventStream(
+        [message_channel(message.pk)], start, from_start=from_start, user_id=user_id
+    )
+
+    async def frames() -> AsyncIterator:
+        for frame in prefix:
+            yield frame
+        async for item in stream:
+            if item is LIVE:
+                continue
+            if isinstance(item, StoredEvent):
+                yield item
+                if item.type == "done":
+                    return  # always the last event: end the response
+            elif isinstance(item, Reset):
+                yield item
+                # The client reloads the answer; if it has finished, say so and end.
+                current = await run_db(_reload, message.pk)
+                if current is None:
+                    return
+                if current.finished:
+                    yield done_frame(current, max(item.id, current.last_event_id or 0))
+                    return
+            else:
+                yield item  # keep-alive
+
+    return EventStreamResponse(frames(), stream=stream, label=request.path, user_id=user_id)
+
+
+async def _frames(frames: list[bytes]) -> AsyncIterator[bytes]:
+    for frame in frames:
+        yield frame
+
+
+@event_stream_view
+async def conversation_stream(request: HttpRequest, pk: int) -> HttpResponse:
+    user_id = request.user.pk
+    if not (pk <= MAX_PK and await run_db(_owns_conversation, user_id, pk)):
+        return json_error(404, "not_found", "No such conversation.")
+    stream = EventStream([conversation_channel(pk)], resume_id(request), user_id=user_id)
+    return EventStreamResponse(stream, stream=stream, label=request.path, user_id=user_id)
