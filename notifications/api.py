@@ -1,0 +1,130 @@
+"""The JSON API: list, mark read, mark all read, send (with permission)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.contrib.auth import get_user_model
+from django.http import HttpRequest, JsonResponse
+
+from ssechat.api import ApiError, api_view, parse_json_body
+
+from . import services
+from .models import Notification, is_valid_topic
+
+DEFAULT_LIMIT = 20
+MAX_LIMIT = 100
+CREATE_FIELDS = ("recipient", "topic", "level", "title", "body", "url", "data")
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off", "")
+
+
+def invalid(field: str, detail: str) -> ApiError:
+    return ApiError(400, detail, code="invalid_field", field=field)
+
+
+def _bool_param(request: HttpRequest, name: str) -> bool:
+    raw = request.GET.get(name)
+    if raw is None:
+        return False
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise invalid(name, f"{name} must be true or false, not {raw[:20]!r}.")
+
+
+def _int_param(request: HttpRequest, name: str, *, low: int, high: int | None = None):
+    raw = request.GET.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    raw = raw.strip()
+    bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+    if not raw.isdigit() or len(raw) > 18:
+        raise invalid(name, f"{name} must be a whole number {bounds}, not {raw[:20]!r}.")
+    value = int(raw)
+    if value < low or (high is not None and value > high):
+        raise invalid(name, f"{name} must be a whole number {bounds}, not {value}.")
+    return value
+
+
+@api_view(("GET", "POST"))
+async def notifications(request: HttpRequest) -> JsonResponse:
+    if request.method == "POST":
+        return await create(request)
+    user = await request.auser()
+    unread = _bool_param(request, "unread")
+    topic = request.GET.get("topic")
+    if topic is not None:
+        topic = topic.strip()
+        if topic and not is_valid_topic(topic):
+            raise invalid("topic", f"{topic[:40]!r} is not a topic name.")
+    before = _int_param(request, "before", low=1)
+    limit = _int_param(request, "limit", low=1, high=MAX_LIMIT) or DEFAULT_LIMIT
+
+    def load() -> dict[str, Any]:
+        results = services.list_for(user, unread=unread, topic=topic, before=before, limit=limit)
+        return {"results": results, "unread_count": services.unread_count(user)}
+
+    return JsonResponse(await sync_to_async(load)())
+
+
+async def create(request: HttpRequest) -> JsonResponse:
+    user = await request.auser()
+    if not await user.ahas_perm("notifications.add_notification"):
+        raise ApiError(
+            403,
+            "Sending notifications needs the notifications.add_notification permission.",
+        )
+    body = parse_json_body(request)
+    for key in body:
+        if key not in CREATE_FIELDS:
+            raise invalid(key, f"Unknown field {key[:40]!r}; expected {', '.join(CREATE_FIELDS)}.")
+    if "recipient" not in body:
+        raise invalid(
+            "recipient", "recipient is required: a username, or null to broadcast to every user."
+        )
+    try:
+        fields = services.clean_fields(
+            title=body.get("title"),
+            body=body.get("body", ""),
+            level=body.get("level", "info"),
+            topic=body.get("topic", "general"),
+            url=body.get("url", ""),
+            data=body.get("data"),
+        )
+    except services.InvalidNotification as exc:
+        raise invalid(exc.field, f"{exc.field} {exc.message}") from exc
+
+    name = body["recipient"]
+    recipient = None
+    if name is not None:
+        if not isinstance(name, str) or not name.strip():
+            raise invalid("recipient", "recipient must be a username, or null for a broadcast.")
+        User = get_user_model()
+        recipient = await User._default_manager.filter(
+            **{User.USERNAME_FIELD: name.strip()}, is_active=True
+        ).afirst()
+        if recipient is None:
+            raise invalid("recipient", f"recipient {name[:150]!r}: no such user.")
+    notification = await sync_to_async(services.notify)(recipient, **fields)
+    return JsonResponse(notification.to_json(read=False), status=201)
+
+
+@api_view(("POST",))
+async def mark_read(request: HttpRequest, pk: int) -> JsonResponse:
+    user = await request.auser()
+    try:
+        count = await sync_to_async(services.mark_read)(user, pk)
+    except Notification.DoesNotExist as exc:
+        raise ApiError(404, f"Notification {pk} not found.") from exc
+    return JsonResponse({"unread_count": count})
+
+
+@api_view(("POST",))
+async def mark_all_read(request: HttpRequest) -> JsonResponse:
+    user = await request.auser()
+    count = await sync_to_async(services.mark_all_read)(user)
+    return JsonResponse({"unread_count": count})
