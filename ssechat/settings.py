@@ -182,6 +182,8 @@ SSECHAT_MAX_STREAMS_PER_USER = env_int("SSECHAT_MAX_STREAMS_PER_USER", 20)
 SSECHAT_STREAM_MAX_SECONDS = env_float("SSECHAT_STREAM_MAX_SECONDS", 3600.0)
 SSECHAT_SUBSCRIBER_QUEUE = env_int("SSECHAT_SUBSCRIBER_QUEUE", 1000)
 SSECHAT_STREAM_DB_THREADS = env_int("SSECHAT_STREAM_DB_THREADS", 4)
+# Serve GETs to event-stream views on the lean lane (see ssechat/streams/fastlane.py).
+SSECHAT_STREAM_FAST_PATH = env_bool("SSECHAT_STREAM_FAST_PATH", True)
 # Event log and broker.
 SSECHAT_BROKER = os.environ.get("SSECHAT_BROKER", "")  # "", "postgres" or "local"
 SSECHAT_POLL_INTERVAL = env_float("SSECHAT_POLL_INTERVAL", 0.5)

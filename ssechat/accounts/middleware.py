@@ -7,7 +7,7 @@ is answered 401 at once, so a script never silently acts as anonymous.
 
 from __future__ import annotations
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.utils import timezone
 
 from ssechat.api import json_error
@@ -25,20 +25,24 @@ def bearer_token(request) -> str | None:
     return token.strip()
 
 
-async def user_for_token(token: str):
+def user_for_token_sync(token: str):
     """The active user a token belongs to, or None."""
     if not token or len(token) > 200:
         return None
-    row = await (
-        ApiToken.objects.active().select_related("user").filter(key_hash=hash_token(token)).afirst()
+    row = (
+        ApiToken.objects.active().select_related("user").filter(key_hash=hash_token(token)).first()
     )
     if row is None:
         return None
     now = timezone.now()
     # Record use at most once a minute: a stream connect should not cost a write.
     if row.last_used_at is None or (now - row.last_used_at).total_seconds() > 60:
-        await ApiToken.objects.filter(pk=row.pk).aupdate(last_used_at=now)
+        ApiToken.objects.filter(pk=row.pk).update(last_used_at=now)
     return row.user
+
+
+async def user_for_token(token: str):
+    return await sync_to_async(user_for_token_sync)(token)
 
 
 class BearerTokenMiddleware:

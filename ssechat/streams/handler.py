@@ -17,18 +17,23 @@ server starts, and ends open streams as soon as the server is told to stop
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import threading
 from collections.abc import Awaitable, Callable
 
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.conf import settings
 from django.core import signals
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler as DjangoASGIHandler
 from django.core.handlers.asgi import get_script_prefix
 from django.urls import set_script_prefix
 
+from ssechat.api import json_error
+
+from .fastlane import FastLane
 from .hub import get_hub
 from .response import EventStreamResponse
 
@@ -73,11 +78,48 @@ class ASGIHandler(DjangoASGIHandler):
             return
         if scope["type"] != "http":
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
+        match = self.fastlane.match(scope)
+        if match is not None:
+            await self.handle_stream_request(scope, receive, send, match)
+            return
         async with ThreadSensitiveContext():
             response = await self.handle(scope, receive, send)
         if response is not None:
             # Outside the request's thread context: the stream holds no thread.
-            await self.stream(response, receive, send)
+            start, frames = response.start_message(), response.frames
+            del response
+            await self.stream(start, frames, receive, send)
+
+    @functools.cached_property
+    def fastlane(self) -> FastLane:
+        return FastLane()
+
+    async def handle_stream_request(self, scope, receive, send, match) -> None:
+        """A GET to an event-stream view, on the lean lane (see fastlane.py)."""
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+                await self.send_response(json_error(413, "too_large", "Body too large."), send)
+                return
+            if not message.get("more_body", False):
+                break
+        set_script_prefix(get_script_prefix(scope))
+        request, response = await self.fastlane.get_response(self, scope, bytes(body), match)
+        del request  # a long-lived stream keeps neither the request nor the response
+        if isinstance(response, EventStreamResponse):
+            start, frames = response.start_message(), response.frames
+            del response
+            await self.stream(start, frames, receive, send)
+        else:
+            try:
+                await self.send_response(response, send)
+            finally:
+                for closer in response._resource_closers:
+                    closer()
 
     async def lifespan(self, receive, send) -> None:
         while True:
@@ -165,32 +207,37 @@ class ASGIHandler(DjangoASGIHandler):
         await sync_to_async(response.close)()
         return None
 
-    async def stream(self, response: EventStreamResponse, receive, send) -> None:
-        """Send an event stream until it ends or the client disconnects."""
-        sender = asyncio.create_task(self._send_stream(response, send))
-        listener = asyncio.create_task(self.listen_for_disconnect(receive))
-        try:
-            await asyncio.wait((sender, listener), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (sender, listener):
-                if not task.done():
-                    task.cancel()
-            for task in (sender, listener):
-                try:
-                    await task
-                except (asyncio.CancelledError, RequestAborted, OSError):
-                    pass
-                except Exception:
-                    logger.exception("event stream failed")
-            await response.aclose()
+    async def stream(self, start: dict, frames, receive, send) -> None:
+        """Send an event stream until it ends or the client disconnects.
 
-    async def _send_stream(self, response: EventStreamResponse, send) -> None:
-        headers = [(k.encode("ascii"), v.encode("latin1")) for k, v in response.items()]
-        for cookie in response.cookies.values():
-            headers.append((b"Set-Cookie", cookie.output(header="").encode("ascii").strip()))
-        await send(
-            {"type": "http.response.start", "status": response.status_code, "headers": headers}
-        )
-        async for chunk in response.frames:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        The frames are sent from this task; a second, small task waits for the
+        disconnect and cancels this one (one task fewer per open stream).
+        """
+        task = asyncio.current_task()
+        state = {"finished": False, "gone": False}
+
+        def on_disconnect(listener: asyncio.Task) -> None:
+            if listener.cancelled():
+                return
+            listener.exception()  # RequestAborted: expected, mark it retrieved
+            if not state["finished"]:
+                state["gone"] = True
+                task.cancel()
+
+        listener = asyncio.get_running_loop().create_task(self.listen_for_disconnect(receive))
+        listener.add_done_callback(on_disconnect)
+        try:
+            await send(start)
+            async for chunk in frames:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not state["gone"]:
+                raise
+            task.uncancel()
+        except OSError:
+            pass  # the client went away mid-write
+        finally:
+            state["finished"] = True
+            listener.cancel()
+            await frames.aclose()

@@ -69,48 +69,57 @@ class EventStreamResponse(StreamingHttpResponse):
         self.retry_ms = settings.SSECHAT_RETRY_MS if retry_ms is None else retry_ms
         self.label = label
         self.user_id = user_id
-        self.frames = self._frames()
+        # A free generator, not a method: an open stream keeps only it, not this response.
+        self.frames = _frames(self.source, self.stream, self.retry_ms, label, user_id)
         super().__init__(self.frames, content_type=CONTENT_TYPE, status=status, headers=headers)
         self["Cache-Control"] = "no-cache"
         self["X-Accel-Buffering"] = "no"
 
-    async def _frames(self) -> AsyncIterator[bytes]:
-        started = time.monotonic()
-        logger.info("stream open %s user=%s", self.label, self.user_id)
-        frames = 0
-        reason = "ended"
-        try:
-            yield encode_retry(self.retry_ms)
-            async for item in self.source:
-                frame = item if item.__class__ is bytes else item.frame
-                if frame:
-                    frames += 1
-                    yield frame
-        except BaseException as exc:
-            reason = (
-                "client gone"
-                if exc.__class__.__name__ in {"CancelledError", "GeneratorExit"}
-                else repr(exc)
-            )
-            raise
-        finally:
-            closer = getattr(self.source, "aclose", None)
-            if closer is not None:
-                await closer()
-            release = getattr(self.stream, "close", None)
-            if release is not None:
-                release()
-            connection = getattr(self.stream, "connection", None)
-            if connection is not None and connection.close_reason:
-                reason = connection.close_reason
-            logger.info(
-                "stream closed %s user=%s after %.1fs, %d frame(s), %s",
-                self.label, self.user_id, time.monotonic() - started, frames, reason,
-            )  # fmt: skip
+    def start_message(self) -> dict:
+        """The ASGI ``http.response.start`` message for this response."""
+        headers = [(k.encode("ascii"), v.encode("latin1")) for k, v in self.items()]
+        for cookie in self.cookies.values():
+            headers.append((b"Set-Cookie", cookie.output(header="").encode("ascii").strip()))
+        return {"type": "http.response.start", "status": self.status_code, "headers": headers}
 
     async def aclose(self) -> None:
         """Close the frames without sending ``request_finished`` (already sent)."""
         await self.frames.aclose()
+
+
+async def _frames(source, stream, retry_ms: int, label: str, user_id) -> AsyncIterator[bytes]:
+    started = time.monotonic()
+    logger.info("stream open %s user=%s", label, user_id)
+    frames = 0
+    reason = "ended"
+    try:
+        yield encode_retry(retry_ms)
+        async for item in source:
+            frame = item if item.__class__ is bytes else item.frame
+            if frame:
+                frames += 1
+                yield frame
+    except BaseException as exc:
+        reason = (
+            "client gone"
+            if exc.__class__.__name__ in {"CancelledError", "GeneratorExit"}
+            else repr(exc)
+        )
+        raise
+    finally:
+        closer = getattr(source, "aclose", None)
+        if closer is not None:
+            await closer()
+        release = getattr(stream, "close", None)
+        if release is not None:
+            release()
+        connection = getattr(stream, "connection", None)
+        if connection is not None and connection.close_reason:
+            reason = connection.close_reason
+        logger.info(
+                "stream closed %s user=%s after %.1fs, %d frame(s), %s",
+                label, user_id, time.monotonic() - started, frames, reason,
+            )  # fmt: skip
 
 
 View = Callable[..., Awaitable[HttpResponse]]

@@ -1,0 +1,134 @@
+"""The lean lane for event-stream views: no per-request thread, no middleware hops.
+
+A GET to a view decorated with ``@event_stream_view`` is a long-lived request
+whose only real work is "who is this?". Django's full path would give it a
+thread of its own (its thread-sensitive context) and hop through a thread for
+every ``MiddlewareMixin`` middleware. Here instead:
+
+* the request is built as Django builds it (``ASGIRequest``);
+* the host is validated and the security headers are added by Django's own
+  ``CommonMiddleware`` / ``SecurityMiddleware`` / ``XFrameOptionsMiddleware``
+  code, called directly (they do no I/O);
+* the user comes from Django's own session auth (``django.contrib.auth.get_user``,
+  which verifies the session hash) or from an API token, in one call on the
+  stream database pool;
+* the view runs, and its response is sent.
+
+Anything else (other methods, other views, a custom ``urlconf``) takes Django's
+normal path. Turn the lane off with ``SSECHAT_STREAM_FAST_PATH = False``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+
+from django.conf import settings
+from django.contrib.auth.models import AnonymousUser
+from django.core.exceptions import DisallowedHost, RequestDataTooBig
+from django.http import HttpResponse
+from django.middleware.clickjacking import XFrameOptionsMiddleware
+from django.middleware.common import CommonMiddleware
+from django.middleware.security import SecurityMiddleware
+from django.urls import Resolver404, get_resolver
+
+from ssechat.api import json_error
+
+from .db import run_db
+
+logger = logging.getLogger("ssechat.streams")
+
+BEARER_PATH_PREFIXES = ("/api/", "/v1/")
+
+
+def _no_response(request):  # the middlewares below are only used for their hooks
+    return None
+
+
+class FastLane:
+    def __init__(self) -> None:
+        self.resolver = get_resolver()
+        self.security = SecurityMiddleware(_no_response)
+        self.common = CommonMiddleware(_no_response)
+        self.xframe = XFrameOptionsMiddleware(_no_response)
+        self.session_engine = __import__(settings.SESSION_ENGINE, fromlist=["SessionStore"])
+        self.enabled = getattr(settings, "SSECHAT_STREAM_FAST_PATH", True)
+        self.active = {"django.contrib.auth.middleware.AuthenticationMiddleware"} <= set(
+            settings.MIDDLEWARE
+        )
+
+    def match(self, scope) -> object | None:
+        """The resolver match if this request is for an event-stream view."""
+        if not (self.enabled and self.active) or scope["method"] not in ("GET", "HEAD"):
+            return None
+        path = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        try:
+            match = self.resolver.resolve(path)
+        except Resolver404:
+            return None
+        return match if getattr(match.func, "event_stream", False) else None
+
+    async def get_response(self, handler, scope, body: bytes, match):
+        """Run the view; return (request, response)."""
+        try:
+            request = handler.request_class(scope, io.BytesIO(body))
+        except (UnicodeDecodeError, RequestDataTooBig):
+            return None, json_error(400, "bad_request", "The request could not be read.")
+        request.resolver_match = match
+        try:
+            early = self.security.process_request(request) or self.common.process_request(request)
+        except DisallowedHost:
+            return request, json_error(400, "bad_request", "Invalid Host header.")
+        if early is not None:
+            return request, early
+        denied = await self.authenticate(request)
+        if denied is not None:
+            return request, self.finish(request, denied)
+        try:
+            response = await match.func(request, *match.args, **match.kwargs)
+        except Exception:
+            logger.error(
+                "Internal Server Error: %s", request.path, exc_info=sys.exc_info(),
+                extra={"status_code": 500, "request": request},
+            )  # fmt: skip
+            response = json_error(500, "server_error", "The stream could not be opened.")
+        return request, self.finish(request, response)
+
+    def finish(self, request, response: HttpResponse) -> HttpResponse:
+        response = self.security.process_response(request, response)
+        response = self.xframe.process_response(request, response)
+        response.headers.setdefault("Vary", "Cookie, Authorization")
+        return response
+
+    async def authenticate(self, request) -> HttpResponse | None:
+        """Set ``request.user`` from an API token or the session; a response if refused."""
+        from ssechat.accounts.fastauth import get_authenticator
+        from ssechat.accounts.middleware import bearer_token
+
+        auth = get_authenticator()
+        session_key = request.COOKIES.get(settings.SESSION_COOKIE_NAME)
+        request.session = self.session_engine.SessionStore(session_key)
+        token = bearer_token(request) if request.path.startswith(BEARER_PATH_PREFIXES) else None
+        if token is not None:
+            user = await run_db(auth.user_for_token, token)
+            if user is None:
+                return json_error(401, "invalid_token", "The API token is invalid or revoked.")
+        elif not session_key:
+            user = AnonymousUser()
+        else:
+            user = await run_db(auth.user_for_session, session_key)
+        set_user(request, user)
+        return None
+
+
+def set_user(request, user) -> None:
+    request.user = request._cached_user = user
+
+    async def auser():
+        return user
+
+    request.auser = auser
