@@ -56,6 +56,10 @@ class _TTLCache:
         for key in [k for k, (_, v) in self.items.items() if predicate(v)]:
             self.items.pop(key, None)
 
+    def drop_where_key(self, predicate) -> None:
+        for key in [k for k in self.items if predicate(k)]:
+            self.items.pop(key, None)
+
 
 class StreamAuthenticator:
     def __init__(self) -> None:

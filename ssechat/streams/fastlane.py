@@ -36,6 +36,8 @@ from django.urls import Resolver404, get_resolver
 from ssechat.api import json_error
 
 from .db import run_db
+from .hub import stream_auth
+from .revocation import session_auth_key, token_auth_key
 
 logger = logging.getLogger("ssechat.streams")
 
@@ -117,11 +119,16 @@ class FastLane:
             user = await run_db(auth.user_for_token, token)
             if user is None:
                 return json_error(401, "invalid_token", "The API token is invalid or revoked.")
+            key = token_auth_key(token)
         elif not session_key:
-            user = AnonymousUser()
+            user, key = AnonymousUser(), None
         else:
             user = await run_db(auth.user_for_session, session_key)
+            key = session_auth_key(session_key)
         set_user(request, user)
+        if user.is_authenticated:
+            # Streams opened by this request can be closed by revoking these credentials.
+            stream_auth.set((user.pk, key))
         return None
 
 

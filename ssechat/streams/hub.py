@@ -9,10 +9,11 @@ runs on the event loop; nothing blocks and nothing touches the database.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from django.conf import settings
 
@@ -92,6 +93,7 @@ class Connection:
         "_items",
         "_timer",
         "_waiter",
+        "auth_key",
         "channels",
         "close_reason",
         "closed",
@@ -104,10 +106,18 @@ class Connection:
         "user_id",
     )
 
-    def __init__(self, hub: Hub, channels: tuple[str, ...], user_id: int | None, limit: int):
+    def __init__(
+        self,
+        hub: Hub,
+        channels: tuple[str, ...],
+        user_id: int | None,
+        limit: int,
+        auth_key: str | None = None,
+    ):
         self.hub = hub
         self.channels = channels
         self.user_id = user_id
+        self.auth_key = auth_key
         self.limit = limit
         self._items: deque = deque()
         self._waiter: asyncio.Future | None = None
@@ -179,6 +189,7 @@ class Hub:
         self.by_channel: dict[str, set[Connection]] = {}
         self.connections: set[Connection] = set()
         self.by_user: dict[int, set[Connection]] = {}
+        self.by_auth: dict[str, set[Connection]] = {}
         # Every event with an id at or below this has been handed out (or never will exist).
         self.horizon = 0
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -222,6 +233,7 @@ class Hub:
         self.by_channel.clear()
         self.connections.clear()
         self.by_user.clear()
+        self.by_auth.clear()
 
     async def stop(self) -> None:
         self.close_all("shutdown")
@@ -257,12 +269,19 @@ class Hub:
 
     # -- connections -----------------------------------------------------------
     def open(self, channels: Iterable[str], user_id: int | None = None) -> Connection:
-        conn = Connection(self, tuple(channels), user_id, self.queue_limit)
+        """Register a stream. Its user and credentials default to the request's
+        (``stream_auth``, set by the lean lane), so revoking them closes it."""
+        auth_user, auth_key = stream_auth.get()
+        if user_id is None:
+            user_id = auth_user
+        conn = Connection(self, tuple(channels), user_id, self.queue_limit, auth_key)
         for channel in conn.channels:
             self.by_channel.setdefault(channel, set()).add(conn)
         self.connections.add(conn)
         if user_id is not None:
             self.by_user.setdefault(user_id, set()).add(conn)
+        if auth_key is not None:
+            self.by_auth.setdefault(auth_key, set()).add(conn)
         now = self.loop.time()
         conn.last_write = now
         if self.max_lifetime > 0:
@@ -284,12 +303,13 @@ class Hub:
                 if not subs:
                     del self.by_channel[channel]
         self.connections.discard(conn)
-        if conn.user_id is not None:
-            subs = self.by_user.get(conn.user_id)
-            if subs is not None:
-                subs.discard(conn)
-                if not subs:
-                    del self.by_user[conn.user_id]
+        for index, key in ((self.by_user, conn.user_id), (self.by_auth, conn.auth_key)):
+            if key is not None:
+                subs = index.get(key)
+                if subs is not None:
+                    subs.discard(conn)
+                    if not subs:
+                        del index[key]
 
     def open_count(self, user_id: int) -> int:
         return len(self.by_user.get(user_id, ()))
@@ -300,6 +320,12 @@ class Hub:
 
     def close_user(self, user_id: int, reason: str) -> int:
         conns = list(self.by_user.get(user_id, ()))
+        for conn in conns:
+            conn.close(reason)
+        return len(conns)
+
+    def close_auth(self, auth_key: str, reason: str) -> int:
+        conns = list(self.by_auth.get(auth_key, ()))
         for conn in conns:
             conn.close(reason)
         return len(conns)
@@ -351,16 +377,29 @@ class Hub:
             self.horizon = horizon
 
     def _control(self, event: StoredEvent) -> None:
-        if event.type == "close_user":
-            user_id = event.payload().get("user_id")
-            if isinstance(user_id, int):
-                count = self.close_user(user_id, "revoked")
-                if count:
-                    logger.info("closed %d stream(s) of user %s", count, user_id)
+        payload = event.payload()
+        if event.type == "close_user" and isinstance(payload.get("user_id"), int):
+            count = self.close_user(payload["user_id"], "access revoked")
+        elif event.type == "close_auth" and isinstance(payload.get("key"), str):
+            count = self.close_auth(payload["key"], "credentials revoked")
+        else:
+            return
+        for hook in REVOCATION_HOOKS:
+            hook(event.type, payload)
+        if count:
+            logger.info("%s: closed %d stream(s)", event.type, count)
 
 
 # Control events for every process (e.g. end a user's streams when access is revoked).
 CONTROL_CHANNEL = "ssechat:control"
+
+# (user id, credentials key) of the request being served; see Hub.open.
+stream_auth: contextvars.ContextVar[tuple[int | None, str | None]] = contextvars.ContextVar(
+    "ssechat_stream_auth", default=(None, None)
+)
+
+# Called with (event type, payload) for each revocation, in every process (e.g. to drop caches).
+REVOCATION_HOOKS: list[Callable[[str, dict], None]] = []
 
 _hub: Hub | None = None
 _hub_lock = threading.Lock()
