@@ -20,7 +20,7 @@ from .streamclient import read_events
 # A fast model and quick recovery, so tests do not wait for the defaults.
 FAST = {
     "SSECHAT_KEEPALIVE_SECONDS": "1",
-    "SSECHAT_DEMO_TOKENS_PER_SECOND": "400",
+    "SSECHAT_DEMO_TOKENS_PER_SECOND": "1000",
     "SSECHAT_CHAT_HEARTBEAT_SECONDS": "0.5",
     "SSECHAT_CHAT_STALE_SECONDS": "4",
 }
