@@ -202,6 +202,12 @@ SSECHAT_CHAT_MAX_ACTIVE_ANSWERS = env_int("SSECHAT_CHAT_MAX_ACTIVE_ANSWERS", 3)
 SSECHAT_CHAT_REQUESTS_PER_MINUTE = env_int("SSECHAT_CHAT_REQUESTS_PER_MINUTE", 30)
 # Notifications.
 SSECHAT_NOTIFICATION_MAX_BODY_CHARS = env_int("SSECHAT_NOTIFICATION_MAX_BODY_CHARS", 10_000)
+# Login throttling (failed logins per username / per address within the window).
+SSECHAT_LOGIN_MAX_FAILURES = env_int("SSECHAT_LOGIN_MAX_FAILURES", 5)
+SSECHAT_LOGIN_MAX_FAILURES_PER_IP = env_int("SSECHAT_LOGIN_MAX_FAILURES_PER_IP", 30)
+SSECHAT_LOGIN_WINDOW_SECONDS = env_int("SSECHAT_LOGIN_WINDOW_SECONDS", 900)
+# Users and API tokens of stream connects are cached this long (revocation also clears them).
+SSECHAT_AUTH_CACHE_SECONDS = env_float("SSECHAT_AUTH_CACHE_SECONDS", 2.0)
 # Expose process counters (open streams, tasks, threads) in /healthz: tests and benchmarks.
 SSECHAT_STATS = env_bool("SSECHAT_STATS", False)
 # Static files served by the ASGI app itself (turn off behind a web server).
