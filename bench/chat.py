@@ -1,0 +1,326 @@
+"""Chat benchmark: many answers at once from a local upstream model at 1,000 tokens/s each.
+
+The upstream is tests/fake_llm.py's FakeLLMServer (Ollama wire by default) in
+its own process on the load generator's CPU, with one change: every
+``stamp_every``-th token is ``~<monotonic ns>~ ``, made at the moment the
+token is written to the socket (the others are ``word ``, about the length
+of a real token). Clients post a message each through the real chat API
+(``POST /api/chat/conversations/<id>/messages/``, Bearer tokens), open the
+answer's stream at once, and for every stamp in a ``delta`` take the time
+from the upstream's write to their read: the time ssechat adds, chunking,
+database write and fan-out included.
+
+Database writes per answer are the ``delta`` events (one transaction each:
+the chunk appended to the message and its event stored), counted at the
+client and in the event log. CPU per 1,000 tokens is the server's CPU time
+over the run divided by the tokens streamed.
+
+``python -m bench.chat upstream --port P --tokens N --rate R`` runs the upstream alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import re
+import subprocess
+import sys
+import time
+
+from .load import HOST, Pool, monotonic_ns, percentile, post_request
+from .procs import LOAD_CPU, ROOT, free_port, pin
+
+STAMP = re.compile(r"~(\d{10,20})~")
+WORD = "word "
+
+
+# -- the upstream -------------------------------------------------------------------------
+
+
+def make_upstream(port: int, tokens: int, rate: float, stamp_every: int):
+    sys.path.insert(0, str(ROOT))
+    from tests.fake_llm import FakeLLMServer, _chunk, _Closed
+
+    class StampingLLM(FakeLLMServer):
+        async def _pace(self, wire, tokens_, send, closed) -> None:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            word = wire.token_frame(WORD)
+            sent, total = 0, len(tokens_)
+            while sent < total:
+                if closed.is_set():
+                    raise _Closed
+                upto = min(total, max(sent + 1, int((loop.time() - start) * rate) + 1))
+                now = monotonic_ns()
+                frames = [
+                    wire.token_frame(f"~{now}~ ") if i % stamp_every == 0 else word
+                    for i in range(sent, upto)
+                ]
+                await _chunk(send, b"".join(frames))
+                sent = upto
+                if sent < total:
+                    delay = start + sent / rate - loop.time()
+                    await asyncio.sleep(max(delay, self.flush_interval))
+
+    return StampingLLM(
+        port=port, reply_text=WORD * tokens, tokens_per_second=rate, flush_interval=0.005
+    )
+
+
+def upstream_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.chat upstream")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--tokens", type=int, default=2000)
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--stamp-every", type=int, default=20)
+    parser.add_argument("--max-seconds", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    pin(LOAD_CPU)
+    server = make_upstream(args.port, args.tokens, args.rate, args.stamp_every).start()
+    print(json.dumps({"url": server.url}), flush=True)
+    deadline = time.monotonic() + args.max_seconds
+    try:
+        # Until the benchmark closes our stdin (or the deadline).
+        import select
+
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([sys.stdin], [], [], 1.0)
+            if ready and not sys.stdin.readline():
+                break
+    finally:
+        server.stop()
+
+
+# -- the clients ---------------------------------------------------------------------------
+
+
+class AnswerStream(asyncio.Protocol):
+    """One answer's event stream: delta text stamps, delta count, done."""
+
+    def __init__(self, request: bytes, answer: Answer):
+        self.request = request
+        self.answer = answer
+        self.buf = b""
+        self.headers_done = False
+        self.transport = None
+        self.finished = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = monotonic_ns()
+        self.buf += data
+        if not self.headers_done:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = int(self.buf.split(b" ", 2)[1])
+            self.answer.status = status
+            self.buf = self.buf[end + 4 :]
+            self.headers_done = True
+            if status != 200:
+                self._finish()
+                return
+        while True:
+            end = self.buf.find(b"\n\n")
+            if end < 0:
+                return
+            frame, self.buf = self.buf[:end], self.buf[end + 2 :]
+            event, data = "message", []
+            for line in frame.split(b"\n"):
+                if line.startswith(b"event:"):
+                    event = line[6:].strip().decode()
+                elif line.startswith(b"data:"):
+                    data.append(line[5:].strip())
+            if event == "delta":
+                text = json.loads(b"\n".join(data))["text"]
+                self.answer.deltas += 1
+                self.answer.tokens += text.count(" ")
+                for stamp in STAMP.findall(text):
+                    self.answer.latencies.append(now - int(stamp))
+            elif event == "done":
+                self.answer.done = json.loads(b"\n".join(data))
+                self.answer.done_at = now
+                self._finish()
+                return
+
+    def _finish(self) -> None:
+        if not self.finished.done():
+            self.finished.set_result(None)
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc):
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+
+class Answer:
+    def __init__(self, token: str):
+        self.token = token
+        self.conversation = 0
+        self.status = 0
+        self.deltas = 0
+        self.tokens = 0
+        self.latencies: list[int] = []
+        self.done: dict | None = None
+        self.posted_at = 0
+        self.done_at = 0
+        self.error = ""
+
+
+async def _json_post(pool: Pool, port: int, path: str, token: str, body: dict) -> tuple[int, dict]:
+    data = json.dumps(body).encode()
+    status, raw = await pool.post(
+        post_request(path, port, data, f"Authorization: Bearer {token}\r\n"), timeout=60
+    )
+    try:
+        return status, json.loads(raw or b"{}")
+    except ValueError:
+        return status, {"raw": raw[:200].decode("latin1")}
+
+
+async def drive(port: int, tokens: list[str], timeout: float) -> list[Answer]:
+    answers = [Answer(t) for t in tokens]
+    pool = Pool(port, len(answers))
+    loop = asyncio.get_running_loop()
+    for answer in answers:  # conversations first, outside the measured part
+        status, body = await _json_post(pool, port, "/api/chat/conversations/", answer.token, {})
+        if status != 201:
+            raise RuntimeError(f"creating a conversation: HTTP {status} {body}")
+        answer.conversation = body["id"]
+
+    async def one(answer: Answer) -> None:
+        answer.posted_at = monotonic_ns()
+        path = f"/api/chat/conversations/{answer.conversation}/messages/"
+        status, body = await _json_post(pool, port, path, answer.token, {"content": "bench"})
+        if status != 201:
+            answer.error = f"HTTP {status}: {str(body)[:200]}"
+            return
+        request = (
+            f"GET {body['stream_url']} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+            f"Accept: text/event-stream\r\nAuthorization: Bearer {answer.token}\r\n\r\n"
+        ).encode()
+        stream = AnswerStream(request, answer)
+        await loop.create_connection(lambda: stream, HOST, port)
+        try:
+            await asyncio.wait_for(stream.finished, timeout)
+        except TimeoutError:
+            answer.error = "timeout"
+            if stream.transport is not None:
+                stream.transport.close()
+
+    await asyncio.gather(*(one(a) for a in answers))
+    pool.close()
+    return answers
+
+
+def run_chat(cfg, log, target=None) -> dict:
+    """The chat figure (called by ``python -m bench``)."""
+    from . import run as bench
+
+    if not (ROOT / "chat" / "api.py").exists():
+        return {"skipped": "the chat API is not in the project yet"}
+    if target is None:
+        target = next(t for t in bench.make_targets(cfg.ssechat_feed) if t.key == "ssechat")
+    answers_n = 30 if cfg.quick else 100
+    tokens_n = 1000 if cfg.quick else 2000
+    rate = 1000.0
+    backend = getattr(cfg, "chat_backend", "ollama")
+    up_port = free_port()
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "bench.chat", "upstream", "--port", str(up_port),
+         "--tokens", str(tokens_n), "--rate", str(rate)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    server = None
+    try:
+        upstream.stdout.readline()
+        db_path = cfg.workdir / "chat.sqlite3"
+        env = target.server_env(bench.base_env(), str(db_path))
+        env.update(
+            SSECHAT_LLM_BACKEND=backend, SSECHAT_LLM_URL=f"http://127.0.0.1:{up_port}",
+            SSECHAT_LLM_MODEL="fake-model",
+        )  # fmt: skip
+        log(f"chat: {answers_n} answers of {tokens_n} tokens at {rate:.0f} tokens/s ({backend})")
+        creds = bench.setup_db(target, env, answers_n, cfg.workdir / "chat-creds.json", answers_n)
+        before = _count_events(env, 0)
+        server = bench.start_server(target, env, "ssechat-chat", cfg)
+        cpu0 = server.cpu_seconds()
+        started = time.monotonic()
+        with bench.Profiler(server.pid, "ssechat-chat", cfg.profile):
+            answers = bench.run(drive(server.port, creds["user_tokens"], timeout=120))
+            seconds = time.monotonic() - started
+            cpu = server.cpu_seconds() - cpu0
+        events = _count_events(env, 0)
+    finally:
+        if server is not None:
+            server.stop()
+        with contextlib.suppress(Exception):
+            upstream.stdin.close()
+        try:
+            upstream.wait(10)
+        except subprocess.TimeoutExpired:
+            upstream.kill()
+    ms = sorted(x / 1e6 for a in answers for x in a.latencies)
+    complete = [a for a in answers if a.done and a.done.get("status") == "complete"]
+    tokens = sum(a.tokens for a in answers)
+    deltas = [a.deltas for a in answers if a.done]
+    stored_deltas = events.get("delta", 0) - before.get("delta", 0)
+    result = {
+        "answers": answers_n,
+        "complete": len(complete),
+        "errors": sorted({a.error for a in answers if a.error})[:5],
+        "statuses": sorted({str(a.done.get("status")) for a in answers if a.done}),
+        "backend": backend,
+        "tokens_per_second": rate,
+        "tokens_per_answer": tokens_n,
+        "tokens_received": tokens,
+        "stamps": len(ms),
+        "added_p50_ms": round(percentile(ms, 50), 1) if ms else None,
+        "added_p99_ms": round(percentile(ms, 99), 1) if ms else None,
+        "added_max_ms": round(ms[-1], 1) if ms else None,
+        "writes_per_answer": round(sum(deltas) / len(deltas), 1) if deltas else None,
+        "writes_per_answer_max": max(deltas) if deltas else None,
+        "stored_delta_events": stored_deltas,
+        "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu, 2),
+        "cpu_ms_per_1000_tokens": round(cpu / tokens * 1e6, 1) if tokens else None,
+        "answer_seconds_p50": round(
+            percentile(sorted((a.done_at - a.posted_at) / 1e9 for a in complete), 50), 2
+        )
+        if complete
+        else None,
+    }
+    log(
+        f"  chat: {result['complete']}/{answers_n} complete, added p50/p99 "
+        f"{result['added_p50_ms']}/{result['added_p99_ms']} ms, {result['writes_per_answer']}"
+        f" writes/answer, {result['cpu_ms_per_1000_tokens']} ms CPU/1,000 tokens"
+    )
+    return result
+
+
+def _count_events(env: dict, after: int) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.setup_db", "count-events", "--after", str(after)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    try:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "upstream":
+        upstream_main(sys.argv[2:])
+    else:
+        print(__doc__)
+
+
+if __name__ == "__main__":
+    main()
