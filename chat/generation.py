@@ -272,6 +272,13 @@ def stop_local(message_id: int) -> bool:
     return True
 
 
+def abort_all() -> None:
+    """The server is stopping: cancel every generation here (each ends its answer failed)."""
+    for generation in list(_active.values()):
+        if generation.task is not None:
+            generation.task.cancel()
+
+
 def stop_local_threadsafe(message_id: int) -> None:
     generation = _active.get(message_id)
     if generation is not None and not generation.loop.is_closed():
@@ -309,6 +316,7 @@ class _Generation:
         self.pending: list[str] = []
         self.pump: asyncio.Task | None = None
         self.writing: asyncio.Future | None = None
+        self.task: asyncio.Task | None = None
         self.stopped = False
 
     def stop(self) -> None:
@@ -456,7 +464,8 @@ def launch(answer: Message, history: list[dict] | None = None) -> asyncio.Task:
     generation = _Generation(answer.pk, answer.conversation_id, answer.reply_to_id, history)
     _active[answer.pk] = generation
     recovery.ensure_monitor()
-    return spawn(generation.run(), name=f"chat-answer-{answer.pk}")
+    generation.task = spawn(generation.run(), name=f"chat-answer-{answer.pk}")
+    return generation.task
 
 
 def _create_answer_atomic(user_message: Message, conversation: Conversation) -> Message:

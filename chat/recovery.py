@@ -20,7 +20,9 @@ import asyncio
 import logging
 import os
 import secrets
+import signal
 import socket
+import threading
 from datetime import timedelta
 
 from django.db.models import Q
@@ -127,7 +129,6 @@ def fail_if_abandoned(message: Message) -> Message:
 
     if message.status != Message.Status.STREAMING:
         return message
-    done = None
     if message.worker and is_dead(message.worker):
         done = finalize(
             message.pk,
@@ -137,12 +138,14 @@ def fail_if_abandoned(message: Message) -> Message:
         )
     else:
         stale = stale_filter()
-        if Message.objects.filter(stale, pk=message.pk).exists():
-            done = finalize(message.pk, status=Message.Status.FAILED, error=STALE, only_if=stale)
+        if not Message.objects.filter(stale, pk=message.pk).exists():
+            return message  # alive
+        done = finalize(message.pk, status=Message.Status.FAILED, error=STALE, only_if=stale)
     if done is not None:
         logger.warning("marked abandoned answer %s failed", message.pk)
         return done
-    return message
+    # Someone else ended it meanwhile: the row says how.
+    return Message.objects.filter(pk=message.pk).first() or message
 
 
 def heartbeat(ids: list[int]) -> list[int]:
@@ -190,9 +193,40 @@ def ensure_monitor() -> None:
     _monitors[loop] = spawn(_monitor(), name="chat-monitor")
 
 
+def install_shutdown_handler() -> None:
+    """On SIGTERM/SIGINT, end this process's answers as failed at once.
+
+    uvicorn exits by re-raising the signal once it has stopped serving, which
+    kills the process before asyncio would cancel (and so finish) background
+    tasks; the answers are ended while the server is still shutting down.
+    Answers missed here are failed by the next process that starts.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    from . import generation
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if getattr(previous, "chat_hook", False):
+            continue
+
+        def handler(signum, frame, previous=previous):
+            loop.call_soon_threadsafe(generation.abort_all)
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
+
+        handler.chat_hook = True  # type: ignore[attr-defined]
+        signal.signal(sig, handler)
+
+
 async def on_server_start() -> None:
     """Startup hook: fail what dead processes left behind, then watch periodically."""
     try:
+        install_shutdown_handler()
         await run_db(sweep)
     finally:
         ensure_monitor()

@@ -1,0 +1,126 @@
+"""No answer stays `streaming` for ever: killed workers, stopped servers, stale heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from datetime import timedelta
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.utils import timezone
+
+from chat.generation import SHUTDOWN
+from chat.models import Conversation, Message
+from chat.recovery import DEAD_PROCESS, HOST, STALE
+from ssechat.streams.models import Event
+
+from . import test_chat_helpers as helpers
+from .test_chat_helpers import FAST, ChatClient, done_of, joined
+
+chat_server = helpers.chat_server  # the module's server (a fixture)
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SLOW = "[demo:slow] " + "tell me more " * 10
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+async def wait_for_status(message_id: int, status: str, timeout: float = 15.0) -> Message:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        message = await Message.objects.aget(pk=message_id)
+        if message.status == status:
+            return message
+        assert loop.time() < deadline, f"message {message_id} is still {message.status}"
+        await asyncio.sleep(0.1)
+
+
+async def test_killed_worker_answer_fails_on_restart_and_stopped_server_fails_its_own(
+    start_server, alice, api_token
+):
+    token = await sync_to_async(api_token)(alice)
+    # No periodic check on the new server: the startup hook must do it.
+    env = {**FAST, "SSECHAT_CHAT_HEARTBEAT_SECONDS": "60"}
+    first = start_server(**env)
+    async with ChatClient(first.url, token) as chat:
+        conversation = await chat.conversation()
+        posted = await chat.send(conversation["id"], SLOW)
+        answer_id = posted["assistant_message"]["id"]
+        head = await chat.answer(answer_id, max_events=2)
+    first.kill()  # SIGKILL while it writes the answer
+    assert (await Message.objects.aget(pk=answer_id)).status == "streaming"
+
+    second = start_server(**env)
+    row = await Message.objects.aget(pk=answer_id)
+    assert row.status == "failed" and row.error == DEAD_PROCESS
+    async with ChatClient(second.url, token) as chat:
+        events = await chat.answer(answer_id)
+        done = done_of(events)
+        assert done["status"] == "failed" and done["error"] == DEAD_PROCESS
+        assert joined(events) == done["content"] == row.content
+        assert done["content"].startswith(joined(head))
+        # The conversation goes on.
+        posted = await chat.send(conversation["id"], SLOW)
+        second_id = posted["assistant_message"]["id"]
+        await chat.answer(second_id, max_events=1)
+
+    second.stop()  # SIGTERM: the server ends its answers before it exits
+    row = await Message.objects.aget(pk=second_id)
+    assert row.status == "failed" and row.error == SHUTDOWN
+    done_events = Event.objects.filter(channel=f"chat:message:{second_id}", type="done")
+    assert await done_events.acount() == 1
+
+
+def _abandoned_answer(user, worker: str, heartbeat_age: float) -> tuple[int, int]:
+    conversation = Conversation.objects.create(owner=user, title="abandoned")
+    question = Message.objects.create(
+        conversation=conversation, role="user", content="hello?", completed_at=timezone.now()
+    )
+    answer = Message.objects.create(
+        conversation=conversation,
+        role="assistant",
+        status="streaming",
+        content="partial text",
+        reply_to=question,
+        worker=worker,
+        heartbeat_at=timezone.now() - timedelta(seconds=heartbeat_age),
+    )
+    return conversation.pk, answer.pk
+
+
+async def test_periodic_check_fails_answers_with_a_stale_heartbeat(chat_server, alice, api_token):
+    _, stale_id = await sync_to_async(_abandoned_answer)(alice, "elsewhere:1:abc", 120)
+    _, alive_id = await sync_to_async(_abandoned_answer)(alice, "elsewhere:2:abc", 0)
+    # Nobody asks for it: the server's periodic check finds it.
+    row = await wait_for_status(stale_id, "failed")
+    assert row.error == STALE and row.content == "partial text"
+    assert await Event.objects.filter(channel=f"chat:message:{stale_id}", type="done").aexists()
+    # A fresh heartbeat on another host is left alone.
+    assert (await Message.objects.aget(pk=alive_id)).status == "streaming"
+    async with ChatClient(chat_server.url, await sync_to_async(api_token)(alice)) as chat:
+        events = await chat.answer(stale_id)
+        assert joined(events) == "partial text"
+        assert done_of(events)["status"] == "failed" and done_of(events)["error"] == STALE
+        response = await chat.request("POST", f"/api/chat/messages/{alive_id}/cancel/")
+        assert response.json()["status"] == "cancelled"
+
+
+async def test_an_answer_of_a_dead_local_process_does_not_block_its_conversation(
+    chat_server, alice, api_token
+):
+    worker = f"{HOST}:{dead_pid()}:deadbeef"
+    conversation_id, answer_id = await sync_to_async(_abandoned_answer)(alice, worker, 0)
+    async with ChatClient(chat_server.url, await sync_to_async(api_token)(alice)) as chat:
+        posted = await chat.send(conversation_id, "[demo:echo] next")  # not 409
+        await chat.answer(posted["assistant_message"]["id"])
+        events = await chat.answer(answer_id)
+        done = done_of(events)
+        assert done["status"] == "failed" and done["error"] == DEAD_PROCESS
+        assert joined(events) == "partial text"
