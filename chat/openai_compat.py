@@ -558,16 +558,18 @@ async def _respond(user, chat_request: ChatRequest, answer: Message) -> HttpResp
     events = answer_events(stream, answer.pk)
     handed_over = False
     try:
-        first = None
-        # Wait for the first text (or the end) before answering, so that an answer
-        # that fails at once is a plain 502 and not a stream with an error in it.
+        first: Delta | Done | Keepalive | None = None
+        # A stream waits for the first text (or the end) before answering, so that an
+        # answer that fails at once is a plain 502 rather than a stream with an error in
+        # it; but no longer than a keep-alive interval, so that a slow model does not
+        # leave the connection silent. Without "stream" the answer is awaited whole.
         texts: list[str] = []
         async for event in events:
-            if event is KEEPALIVE:
-                continue
             if chat_request.stream:
                 first = event
                 break
+            if event is KEEPALIVE:
+                continue
             if isinstance(event, Delta):
                 texts.append(event.text)
             else:
@@ -614,8 +616,8 @@ def _raise_failure(message: dict[str, Any]) -> None:
 def _ended_early() -> OpenAIError:
     return OpenAIError(
         503,
-        "The server is shutting down and stopped following the answer; "
-        "find it in the chat once it has finished.",
+        "The server closed this stream before the answer was finished (it is restarting, "
+        "or the API token was revoked).",
         type="server_error",
         code="service_unavailable",
     )
@@ -625,7 +627,7 @@ async def _frames(
     completion: Completion,
     chat_request: ChatRequest,
     message_id: int,
-    first: Delta | Done,
+    first: Delta | Done | Keepalive,
     events: AsyncIterator[Delta | Done | Keepalive],
     stream: EventStream,
 ) -> AsyncIterator[bytes]:

@@ -447,12 +447,26 @@ def test_disconnect_cancels_when_so_set(proxy_server, fake, token, alice):
 
 def test_disconnect_before_the_first_word_cancels_too(proxy_server, fake, token, alice):
     fake.mode = "hang"  # the model never answers: the client gives up first
+    # A stream starts anyway after a keep-alive interval (1 s here): role chunk, comments.
+    with open_stream(proxy_server, token, "Anyone there?", timeout=10) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert next(lines) == ""
+        assert next(lines).startswith(":"), "a keep-alive comment while the model is silent"
+    streamed = answer_of(Conversation.objects.get(owner=alice))
+    assert wait_until_finished(streamed.pk).status == "cancelled"
+    # Without "stream" nothing is sent until the answer is done: the client times out.
     with pytest.raises(httpx.ReadTimeout):
-        with open_stream(proxy_server, token, "Anyone there?", timeout=1.5) as response:
-            response.read()
-    answer = wait_until_finished(answer_of(Conversation.objects.get(owner=alice)).pk)
-    assert answer.status == "cancelled"
-    assert answer.content == ""
+        httpx.post(
+            f"{proxy_server.url}/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "Hello?"}]},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=1.5,
+        )
+    answers = Message.objects.filter(conversation__owner=alice, role="assistant")
+    finished = [wait_until_finished(m.pk) for m in answers]
+    assert [(m.status, m.content) for m in finished] == [("cancelled", ""), ("cancelled", "")]
 
 
 def test_too_many_answers_at_once_is_429(proxy_server, fake, token, alice):
@@ -486,3 +500,89 @@ def test_upstream_down_is_502(proxy_server, fake, token, alice):
     answers = Message.objects.filter(role="assistant", conversation__owner=alice)
     assert [m.status for m in answers] == ["failed", "failed"]
     assert all("refused" in m.error for m in answers)
+
+
+# -- a browser reading the POST stream with fetch and a reader ------------------------------
+
+READ_STREAM_JS = """
+async ({token, content}) => {
+  const response = await fetch("/v1/chat/completions", {
+    method: "POST",
+    headers: {"Content-Type": "application/json", "Authorization": "Bearer " + token},
+    body: JSON.stringify({
+      model: "ssechat-demo",
+      messages: [{role: "user", content}],
+      stream: true,
+      stream_options: {include_usage: true},
+    }),
+  });
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "", text = "", chunks = 0, usage = null, sawDone = false;
+  while (!sawDone) {
+    const {value, done} = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, {stream: true});
+    let end;
+    while (!sawDone && (end = buffer.indexOf("\\n\\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      for (const line of block.split("\\n")) {
+        if (!line.startsWith("data: ")) continue;  // keep-alive comments
+        const data = line.slice(6);
+        if (data === "[DONE]") { sawDone = true; break; }
+        const chunk = JSON.parse(data);
+        chunks += 1;
+        if (chunk.usage) usage = chunk.usage;
+        for (const choice of chunk.choices) text += choice.delta.content || "";
+      }
+    }
+  }
+  return {
+    status: response.status, type: response.headers.get("content-type"),
+    text, chunks, usage, sawDone,
+  };
+}
+"""
+
+
+@pytest.mark.browser
+def test_browser_reads_the_post_stream_with_fetch(server, browser_context, alice, token):
+    from playwright.sync_api import expect
+
+    from .browser import login, screenshot
+
+    login(browser_context, server.url, alice)
+    reader = browser_context.new_page()
+    reader.goto(server.url + "/accounts/login/")
+    text = "Streaming to a browser with fetch and a reader, word by word — déjà vu ✓"
+    # Slow (5 words a second): the chat page can watch it being written.
+    content = f"[demo:slow][demo:echo] {text}"
+    reader.evaluate(
+        "([fn, args]) => { window.answer = eval(fn)(args); }",
+        [READ_STREAM_JS, {"token": token, "content": content}],
+    )
+    deadline = time.monotonic() + 10
+    while not Message.objects.filter(conversation__owner=alice, role="assistant").exists():
+        assert time.monotonic() < deadline, "the request was not stored"
+        time.sleep(0.05)
+    conversation = Conversation.objects.get(owner=alice)
+
+    chat = browser_context.new_page()
+    chat.goto(f"{server.url}/chat/{conversation.pk}/")
+    thread = chat.locator("#thread")
+    expect(thread).to_contain_text("Streaming to a browser", timeout=10_000)
+    screenshot(chat, "openai-compat-chat-page-streaming")
+
+    result = reader.evaluate("window.answer")
+    assert result["status"] == 200
+    assert result["type"] == "text/event-stream; charset=utf-8"
+    assert result["sawDone"]
+    assert result["chunks"] > 3
+    assert result["usage"]["total_tokens"] > 0
+    answer = wait_until_finished(answer_of(conversation).pk)
+    assert answer.status == "complete"
+    assert result["text"] == answer.content == text
+    expect(thread).to_contain_text("déjà vu ✓", timeout=10_000)
+    screenshot(chat, "openai-compat-chat-page-done")
+    assert not browser_context.console_errors
