@@ -1,7 +1,8 @@
 """OpenAI-compatible API over our own chat: ``POST /v1/chat/completions`` and ``GET /v1/models``.
 
 A request is stored as a new conversation of the token's user (its ``messages``
-become Messages) and answered by :func:`chat.generation.start_answer`, exactly
+become Messages; ``system``/``developer`` ones only reach the model, as the chat
+stores no such role) and answered by :func:`chat.generation.start_answer`, exactly
 like a message posted on the chat page: same backend, same chunking, same
 storage, visible in the chat page and the admin while it streams. The answer is
 read back from the message's event channel (so it does not matter which worker
@@ -13,11 +14,13 @@ generates it) and converted to OpenAI's shapes:
   usage chunk when ``stream_options.include_usage``), then ``data: [DONE]``.
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
-An answer that fails before any text answers 502 (streaming or not); one that
-fails after text has been streamed ends the stream with a ``data: {"error": ...}``
+An answer that fails before any text answers 502 (a stream waits for its first
+text, or the end, for one keep-alive interval at most before it starts); a
+failure once the stream has started ends it with a ``data: {"error": ...}``
 frame and ``data: [DONE]`` (the ``openai`` client raises ``APIError`` with the
-message). A client that disconnects leaves the answer running, unless the
-setting ``SSECHAT_OPENAI_CANCEL_ON_DISCONNECT`` is on (then it is cancelled).
+message). Without ``stream``, any failure is a 502. A client that disconnects
+leaves the answer running, unless the setting ``SSECHAT_OPENAI_CANCEL_ON_DISCONNECT``
+is on (then it is cancelled, as by the chat's Stop).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -138,7 +141,6 @@ class ChatRequest:
     model: str | None = None
     stream: bool = False
     include_usage: bool = False
-    ignored: list[str] = field(default_factory=list)
 
 
 def _content_text(content: Any, index: int) -> str:
@@ -274,11 +276,8 @@ def parse_chat_request(body: dict[str, Any], *, max_chars: int | None = None) ->
             400, "The last user message is empty.", param=f"messages[{len(messages) - 1}].content",
             code="invalid_value",
         )  # fmt: skip
-    known = {"model", "messages", "stream", "stream_options", "n"}
-    return ChatRequest(
-        messages=messages, model=model, stream=stream, include_usage=include_usage,
-        ignored=sorted(key for key in body if key not in known),
-    )  # fmt: skip
+    # Sampling options (temperature, max_tokens, ...) are ignored: the chat's model settings rule.
+    return ChatRequest(messages=messages, model=model, stream=stream, include_usage=include_usage)
 
 
 # -- the answer, in OpenAI's shapes ------------------------------------------------------
