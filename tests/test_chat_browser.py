@@ -81,8 +81,13 @@ def watch_errors(page) -> None:
         page.chat_errors.append(f"dialog: {dialog.message}")
         dialog.dismiss()
 
+    def on_console(message):
+        if message.type == "error" and message.text.startswith("ssechat chat hub:"):
+            page.chat_errors.append(message.text)
+
     page.on("response", on_response)
     page.on("dialog", on_dialog)
+    page.on("console", on_console)
     page.on("pageerror", lambda exc: page.chat_errors.append(f"pageerror: {exc}"))
 
 
@@ -437,7 +442,10 @@ def test_network_drop_mid_answer_resumes(slow_server, browser_context, alice):
         samples = []
         for _ in range(2):
             before = len(answer.locator(".markdown").inner_text())
-            assert proxy.drop() > 0
+            deadline = time.monotonic() + 10
+            while not proxy.drop():  # wait for the reconnected stream, then cut it
+                assert time.monotonic() < deadline, "the browser did not reconnect"
+                time.sleep(0.05)
             # The hub reconnects with Last-Event-ID and the text goes on growing.
             deadline = time.monotonic() + 10
             while True:
@@ -484,6 +492,40 @@ def test_second_tab_follows_the_answer(slow_server, browser_context, alice):
     no_errors(page, other)
 
 
+def test_late_joiner_and_a_browser_without_shared_workers(
+    slow_server, browser_context, chromium_browser, alice
+):
+    """Another browser opens the conversation mid-answer: its hub reads the answer
+    from its start (the message stream), so it shows exactly the answer. That
+    browser has no SharedWorker: the page runs the hub itself."""
+    page = open_chat(browser_context, slow_server, alice)
+    text = sentence(50)
+    send(page, "[demo:echo] " + text)
+    conv = conversation_id(page)
+    expect(answers(page).last.locator(".markdown")).to_contain_text("the browser", timeout=10_000)
+
+    context = chromium_browser.new_context()
+    try:
+        context.add_init_script("delete window.SharedWorker")
+        late = open_chat(context, slow_server, alice, f"/chat/{conv}/")
+        answer = answers(late).last
+        expect(answer).to_have_attribute("data-status", "streaming")
+        samples = sample_while_streaming(answer)
+        wait_finished(answer)
+        assert answer.locator(".markdown").inner_text() == text
+        assert_prefixes(samples, text)
+        assert api_messages(late, conv)[-1]["content"] == text
+        # It can send too, and follows its own answer.
+        send(late, "[demo:echo] From the other browser.")
+        wait_finished(answers(late).last)
+        expect(answers(late).last.locator(".markdown")).to_have_text("From the other browser.")
+        # The first browser saw that exchange live.
+        expect(answers(page).last.locator(".markdown")).to_have_text("From the other browser.")
+        no_errors(page, late)
+    finally:
+        context.close()
+
+
 def test_ten_tabs_all_keep_working(live_server, browser_context, alice):
     first = open_chat(browser_context, live_server, alice)
     ids = [api(first, "/api/chat/conversations/", "POST")["id"] for _ in range(10)]
@@ -507,10 +549,23 @@ def test_ten_tabs_all_keep_working(live_server, browser_context, alice):
         wait_finished(answer)
         expect(answer.locator(".markdown")).to_have_text(text)
 
+    # Three answers at once (the most a user may have), in three tabs: all stream.
+    text = sentence(40)
+    busy = pages[:3]
+    for page in busy:
+        page.bring_to_front()
+        send(page, "[demo:echo] " + text)
+        expect(answers(page).last).to_have_attribute("data-status", "streaming")
+    streams_while_busy = live_server.stats()["stats"]["streams"]
+    for page in busy:
+        wait_finished(answers(page).last)
+        expect(answers(page).last.locator(".markdown")).to_have_text(text)
+    assert streams_while_busy <= 4, f"{streams_while_busy} streams open for 10 tabs"
+
     # A new tab still loads while the ten are open, and the server holds few streams.
     extra = browser_context.new_page()
     watch_errors(extra)
-    extra.goto(f"{live_server.url}/chat/{ids[0]}/")
+    extra.goto(f"{live_server.url}/chat/{ids[5]}/")
     expect(answers(extra)).to_have_count(1)
     streams = live_server.stats()["stats"]["streams"]
     assert streams <= 4, f"{streams} streams open for 11 tabs"
@@ -573,6 +628,7 @@ def test_conversation_list_new_rename_delete(live_server, browser_context, alice
     # Rename inline.
     item = page.locator(f"#conversation-list .conv[data-id='{second}']")
     item.hover()
+    screenshot(page, "chat-sidebar-hover")
     item.locator(".rename-btn").click()
     page.fill(".rename-input", "Renamed <b>chat</b>")
     page.press(".rename-input", "Enter")

@@ -151,6 +151,7 @@
     if (!m) {
       m = { id: id, conv: convId, text: "", source: null, final: null, es: null, lastId: null, waitUntil: 0, retry: 0, timer: null };
       this.msgs.set(id, m);
+      this.unsync(m); // a tab may hold text of an earlier record of this answer
     }
     return m;
   };
@@ -563,5 +564,17 @@
     scope.onconnect = function (event) {
       shared.connect(event.ports[0]);
     };
+    // A worker's errors reach no console a page shows: hand them to the tabs.
+    var report = function (text) {
+      shared.ports.forEach(function (rec) {
+        shared.post(rec, { type: "hub-error", message: String(text) });
+      });
+    };
+    scope.addEventListener("error", function (event) {
+      report(event.message || event);
+    });
+    scope.addEventListener("unhandledrejection", function (event) {
+      report(event.reason && event.reason.message ? event.reason.message : event.reason);
+    });
   }
 })(self);

@@ -50,6 +50,7 @@
   };
 
   var FINAL = { complete: true, cancelled: true, failed: true };
+  var PROTOCOL = 1; // of the page <-> hub messages (static/js/chat-worker.js)
   var TEXT_QUIET_MS = 15000; // a streaming answer silent this long: reload it over the API
 
   var api = {
@@ -242,7 +243,8 @@
       var make;
       if (typeof window.SharedWorker === "function") {
         make = Promise.resolve().then(function () {
-          var worker = new SharedWorker(root.getAttribute("data-worker"), { name: "ssechat-chat" });
+          // The name carries the protocol version: a page never talks to an older hub.
+          var worker = new SharedWorker(root.getAttribute("data-worker"), { name: "ssechat-chat/" + PROTOCOL });
           worker.onerror = function () {};
           return worker.port;
         });
@@ -277,6 +279,10 @@
   })();
 
   function onHub(msg) {
+    if (msg.type === "hub-error") {
+      console.error("ssechat chat hub: " + msg.message);
+      return;
+    }
     if (msg.conversation == null || Number(msg.conversation) !== state.convId) return;
     if (state.holds > 0) {
       state.queue.push(msg);
@@ -790,7 +796,8 @@
         els.input.value = text;
         autosize();
       }
-      toast(err.message || "The message could not be sent.", "error");
+      if (err.status === 404 && convId === state.convId) showNotice(err);
+      else toast(err.message || "The message could not be sent.", "error");
     } finally {
       state.sending = false;
       release(token);
@@ -948,17 +955,14 @@
     }
     a.appendChild(el("span", "title", title));
     a.title = title;
-    var actions = el("span", "item-actions");
+    var actions = el("div", "conv-actions");
     var rename = iconButton("pencil", "Rename", "rename-btn");
     var del = iconButton("trash", "Delete", "delete-btn");
+    rename.setAttribute("aria-label", "Rename “" + title + "”");
+    del.setAttribute("aria-label", "Delete “" + title + "”");
     actions.appendChild(rename);
     actions.appendChild(del);
-    a.appendChild(actions);
     a.addEventListener("click", function (e) {
-      if (e.target.closest(".item-actions")) {
-        e.preventDefault();
-        return;
-      }
       if (e.metaKey || e.ctrlKey || e.shiftKey || e.altKey || e.button !== 0) return;
       e.preventDefault();
       closeSidebar();
@@ -976,6 +980,7 @@
       askDelete(c);
     });
     li.appendChild(a);
+    li.appendChild(actions);
     return li;
   }
 
@@ -1280,6 +1285,8 @@
     if (!document.hidden) {
       flushText();
       refreshList(0);
+      state.streamingKey = ""; // the hub may have let go of them meanwhile
+      reportStreaming();
     }
   });
   window.addEventListener("pagehide", function () {
