@@ -16,4 +16,5 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("", include("chat.urls")),
     path("", include("notifications.urls")),
+    path("", include("chat.openai_urls")),
 ]

@@ -8,6 +8,7 @@ is answered 401 at once, so a script never silently acts as anonymous.
 from __future__ import annotations
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.http import JsonResponse
 from django.utils import timezone
 
 from ssechat.api import json_error
@@ -45,6 +46,25 @@ async def user_for_token(token: str):
     return await sync_to_async(user_for_token_sync)(token)
 
 
+def invalid_token_response(path: str) -> JsonResponse:
+    """401 for a bad token: OpenAI's error shape on /v1/, the contract's elsewhere."""
+    if path.startswith("/v1/"):
+        response = JsonResponse(
+            {
+                "error": {
+                    "message": "Incorrect API key provided.",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "invalid_api_key",
+                }
+            },
+            status=401,
+        )
+        response["WWW-Authenticate"] = 'Bearer realm="ssechat"'
+        return response
+    return json_error(401, "invalid_token", "The API token is invalid or revoked.")
+
+
 class BearerTokenMiddleware:
     async_capable = True
     sync_capable = False
@@ -60,7 +80,7 @@ class BearerTokenMiddleware:
             if token is not None:
                 user = await user_for_token(token)
                 if user is None:
-                    return json_error(401, "invalid_token", "The API token is invalid or revoked.")
+                    return invalid_token_response(request.path)
                 request.user = user
                 request._cached_user = user
 

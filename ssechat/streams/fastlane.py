@@ -109,7 +109,7 @@ class FastLane:
     async def authenticate(self, request) -> HttpResponse | None:
         """Set ``request.user`` from an API token or the session; a response if refused."""
         from ssechat.accounts.fastauth import get_authenticator
-        from ssechat.accounts.middleware import bearer_token
+        from ssechat.accounts.middleware import bearer_token, invalid_token_response
 
         auth = get_authenticator()
         session_key = request.COOKIES.get(settings.SESSION_COOKIE_NAME)
@@ -118,7 +118,7 @@ class FastLane:
         if token is not None:
             user = await run_db(auth.user_for_token, token)
             if user is None:
-                return json_error(401, "invalid_token", "The API token is invalid or revoked.")
+                return invalid_token_response(request.path)
             key = token_auth_key(token)
         elif not session_key:
             user, key = AnonymousUser(), None
