@@ -249,47 +249,47 @@ async def test_message_validation(chat_server, alice, api_token):
         assert (await chat.detail(conversation["id"]))["messages"] == []
 
 
-async def test_limits(start_server, alice, bob, api_token):
-    server = start_server(
-        SSECHAT_CHAT_MAX_MESSAGE_CHARS="20",
-        SSECHAT_CHAT_REQUESTS_PER_MINUTE="3",
-        SSECHAT_CHAT_MAX_ACTIVE_ANSWERS="1",
-        SSECHAT_DEMO_TOKENS_PER_SECOND="400",
-    )
-    async with ChatClient(server.url, await sync_to_async(api_token)(alice)) as chat:
-        one, two = await chat.conversation(), await chat.conversation()
+async def test_limits(chat_server, alice, bob, api_token):
+    # chat_server allows 20000 characters, 2 answers at once and 8 a minute per user.
+    async with ChatClient(chat_server.url, await sync_to_async(api_token)(alice)) as chat:
+        one, two, three = [await chat.conversation() for _ in range(3)]
         response = await chat.request(
-            "POST", f"/api/chat/conversations/{one['id']}/messages/", json={"content": "x" * 21}
+            "POST",
+            f"/api/chat/conversations/{one['id']}/messages/",
+            json={"content": "x" * 20001},
         )
         assert response.status_code == 400
-        assert response.json()["error"] == "too_long" and "20" in response.json()["detail"]
+        assert response.json()["error"] == "too_long" and "20000" in response.json()["detail"]
 
-        slow = await chat.send(one["id"], "[demo:slow]")
+        slow = [await chat.send(c["id"], SLOW) for c in (one, two)]
         response = await chat.request(
-            "POST", f"/api/chat/conversations/{two['id']}/messages/", json={"content": "hi"}
+            "POST", f"/api/chat/conversations/{three['id']}/messages/", json={"content": "hi"}
         )
         assert response.status_code == 429
         assert response.json()["error"] == "too_many_active_answers"
         assert response.headers["Retry-After"]
-        await chat.request("POST", f"/api/chat/messages/{slow['assistant_message']['id']}/cancel/")
+        for posted in slow:
+            await chat.request(
+                "POST", f"/api/chat/messages/{posted['assistant_message']['id']}/cancel/"
+            )
 
-        await chat.ask(two["id"], echo("2"))
-        await chat.ask(two["id"], echo("3"))
+        for n in range(6):  # 2 + 6 = 8 answers this minute
+            await chat.ask(three["id"], echo(str(n)))
         response = await chat.request(
-            "POST", f"/api/chat/conversations/{two['id']}/messages/", json={"content": "4"}
+            "POST", f"/api/chat/conversations/{three['id']}/messages/", json={"content": "9"}
         )
         assert response.status_code == 429
         assert response.json()["error"] == "rate_limited"
         assert 1 <= int(response.headers["Retry-After"]) <= 60
-        assert re.search(r"3 answers a minute", response.json()["detail"])
+        assert re.search(r"8 answers a minute", response.json()["detail"])
         response = await chat.request(
-            "POST", f"/api/chat/messages/{slow['assistant_message']['id']}/regenerate/"
+            "POST", f"/api/chat/messages/{slow[0]['assistant_message']['id']}/regenerate/"
         )
         assert response.status_code == 429
     # Limits are per user.
-    async with ChatClient(server.url, await sync_to_async(api_token)(bob)) as chat:
+    async with ChatClient(chat_server.url, await sync_to_async(api_token)(bob)) as chat:
         conversation = await chat.conversation()
-        await chat.send(conversation["id"], echo("bob ok"))
+        await chat.send(conversation["id"], echo("bob is fine"))
 
 
 async def test_session_requests_need_the_csrf_token(chat_server, alice, login_cookies):

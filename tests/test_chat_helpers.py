@@ -17,12 +17,16 @@ import pytest
 from .live import LiveServer, uvicorn_server
 from .streamclient import read_events
 
-# A fast model and quick recovery, so tests do not wait for the defaults.
+# A fast model and quick recovery, so tests do not wait for the defaults; limits low
+# enough to be tested on the same server (each test has a new user: mind them).
 FAST = {
     "SSECHAT_KEEPALIVE_SECONDS": "1",
     "SSECHAT_DEMO_TOKENS_PER_SECOND": "1000",
     "SSECHAT_CHAT_HEARTBEAT_SECONDS": "0.5",
     "SSECHAT_CHAT_STALE_SECONDS": "4",
+    "SSECHAT_CHAT_MAX_MESSAGE_CHARS": "20000",
+    "SSECHAT_CHAT_MAX_ACTIVE_ANSWERS": "2",
+    "SSECHAT_CHAT_REQUESTS_PER_MINUTE": "8",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 from datetime import timedelta
 
@@ -15,10 +16,7 @@ from chat.models import Conversation, Message
 from chat.recovery import DEAD_PROCESS, HOST, STALE
 from ssechat.streams.models import Event
 
-from . import test_chat_helpers as helpers
 from .test_chat_helpers import FAST, ChatClient, done_of, joined
-
-chat_server = helpers.chat_server  # the module's server (a fixture)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -45,10 +43,9 @@ async def wait_for_status(message_id: int, status: str, timeout: float = 15.0) -
 async def test_killed_worker_answer_fails_on_restart_and_stopped_server_fails_its_own(
     start_server, alice, api_token
 ):
+    """One pair of servers for everything (they are slow to start on a busy machine)."""
     token = await sync_to_async(api_token)(alice)
-    # No periodic check on the new server: the startup hook must do it.
-    env = {**FAST, "SSECHAT_CHAT_HEARTBEAT_SECONDS": "60"}
-    first = start_server(**env)
+    first = start_server(**FAST)
     async with ChatClient(first.url, token) as chat:
         conversation = await chat.conversation()
         posted = await chat.send(conversation["id"], SLOW)
@@ -57,7 +54,13 @@ async def test_killed_worker_answer_fails_on_restart_and_stopped_server_fails_it
     first.kill()  # SIGKILL while it writes the answer
     assert (await Message.objects.aget(pk=answer_id)).status == "streaming"
 
-    second = start_server(**env)
+    second = start_server(**FAST)
+    # Failed before the new server took requests: by its startup hook (unless another
+    # server of the test run, e.g. the session's live_server, noticed it first).
+    log = second.log()
+    found = re.search(rf"marked \d+ abandoned answer\(s\) failed: \[[^]]*\b{answer_id}\b", log)
+    if found:
+        assert found.start() < log.index("Application startup complete")
     row = await Message.objects.aget(pk=answer_id)
     assert row.status == "failed" and row.error == DEAD_PROCESS
     async with ChatClient(second.url, token) as chat:
@@ -66,6 +69,10 @@ async def test_killed_worker_answer_fails_on_restart_and_stopped_server_fails_it
         assert done["status"] == "failed" and done["error"] == DEAD_PROCESS
         assert joined(events) == done["content"] == row.content
         assert done["content"].startswith(joined(head))
+
+        await periodic_check_fails_answers_with_a_stale_heartbeat(chat, alice)
+        await an_answer_of_a_dead_local_process_does_not_block_its_conversation(chat, alice)
+
         # The conversation goes on.
         posted = await chat.send(conversation["id"], SLOW)
         second_id = posted["assistant_message"]["id"]
@@ -95,32 +102,46 @@ def _abandoned_answer(user, worker: str, heartbeat_age: float) -> tuple[int, int
     return conversation.pk, answer.pk
 
 
-async def test_periodic_check_fails_answers_with_a_stale_heartbeat(chat_server, alice, api_token):
-    _, stale_id = await sync_to_async(_abandoned_answer)(alice, "elsewhere:1:abc", 120)
-    _, alive_id = await sync_to_async(_abandoned_answer)(alice, "elsewhere:2:abc", 0)
+async def periodic_check_fails_answers_with_a_stale_heartbeat(chat: ChatClient, user) -> None:
+    _, stale_id = await sync_to_async(_abandoned_answer)(user, "elsewhere:1:abc", 120)
+    _, alive_id = await sync_to_async(_abandoned_answer)(user, "elsewhere:2:abc", 0)
     # Nobody asks for it: the server's periodic check finds it.
     row = await wait_for_status(stale_id, "failed")
     assert row.error == STALE and row.content == "partial text"
     assert await Event.objects.filter(channel=f"chat:message:{stale_id}", type="done").aexists()
     # A fresh heartbeat on another host is left alone.
     assert (await Message.objects.aget(pk=alive_id)).status == "streaming"
-    async with ChatClient(chat_server.url, await sync_to_async(api_token)(alice)) as chat:
-        events = await chat.answer(stale_id)
-        assert joined(events) == "partial text"
-        assert done_of(events)["status"] == "failed" and done_of(events)["error"] == STALE
-        response = await chat.request("POST", f"/api/chat/messages/{alive_id}/cancel/")
-        assert response.json()["status"] == "cancelled"
+    events = await chat.answer(stale_id)
+    assert joined(events) == "partial text"
+    assert done_of(events)["status"] == "failed" and done_of(events)["error"] == STALE
+    response = await chat.request("POST", f"/api/chat/messages/{alive_id}/cancel/")
+    assert response.json()["status"] == "cancelled"
 
 
-async def test_an_answer_of_a_dead_local_process_does_not_block_its_conversation(
-    chat_server, alice, api_token
-):
+async def an_answer_of_a_dead_local_process_does_not_block_its_conversation(
+    chat: ChatClient, user
+) -> None:
     worker = f"{HOST}:{dead_pid()}:deadbeef"
-    conversation_id, answer_id = await sync_to_async(_abandoned_answer)(alice, worker, 0)
-    async with ChatClient(chat_server.url, await sync_to_async(api_token)(alice)) as chat:
-        posted = await chat.send(conversation_id, "[demo:echo] next")  # not 409
-        await chat.answer(posted["assistant_message"]["id"])
-        events = await chat.answer(answer_id)
-        done = done_of(events)
-        assert done["status"] == "failed" and done["error"] == DEAD_PROCESS
-        assert joined(events) == "partial text"
+    conversation_id, answer_id = await sync_to_async(_abandoned_answer)(user, worker, 0)
+    posted = await chat.send(conversation_id, "[demo:echo] next")  # not 409
+    await chat.answer(posted["assistant_message"]["id"])
+    events = await chat.answer(answer_id)
+    done = done_of(events)
+    assert done["status"] == "failed" and done["error"] == DEAD_PROCESS
+    assert joined(events) == "partial text"
+
+
+def test_recover_answers_command(alice):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    _, stale_id = _abandoned_answer(alice, "elsewhere:1:abc", 120)
+    _, alive_id = _abandoned_answer(alice, "elsewhere:2:abc", 0)
+    out = StringIO()
+    call_command("recover_answers", stdout=out)
+    assert "Marked 1 abandoned answer(s) failed." in out.getvalue()
+    assert Message.objects.get(pk=stale_id).status == "failed"
+    assert Message.objects.get(pk=alive_id).status == "streaming"
+    done = Event.objects.get(channel=f"chat:message:{stale_id}", type="done")
+    assert '"status":"failed"' in done.data
