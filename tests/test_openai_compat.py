@@ -21,12 +21,11 @@ from .live import uvicorn_server
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-SETTINGS = "tests.openai_server_settings"
 DEMO_MODEL = "ssechat-demo"
 
 
 def _start(log_dir, **env):
-    env = {"DJANGO_SETTINGS_MODULE": SETTINGS, "SSECHAT_KEEPALIVE_SECONDS": "1", **env}
+    env = {"SSECHAT_KEEPALIVE_SECONDS": "1", **env}
     return uvicorn_server(log_dir, **env).start()
 
 
