@@ -6,6 +6,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.db.models import Count, Exists, OuterRef, Q
 from django.http import HttpRequest
+from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.text import Truncator
 
@@ -85,7 +86,7 @@ class NotificationForm(forms.ModelForm):
 @admin.register(Notification)
 class NotificationAdmin(admin.ModelAdmin):
     form = NotificationForm
-    list_display = ["title_col", "level_col", "topic", "audience_col", "read_col", "created_at"]
+    list_display = ["title_col", "level_col", "topic", "audience_col", "read_col", "created_col"]
     list_display_links = ["title_col"]
     list_filter = [
         "level",
@@ -153,11 +154,21 @@ class NotificationAdmin(admin.ModelAdmin):
     # -- columns ---------------------------------------------------------------
     @admin.display(description="title", ordering="title")
     def title_col(self, obj: Notification) -> str:
-        body = Truncator(obj.body).chars(90) if obj.body else ""
+        body = Truncator(obj.body).chars(80) if obj.body else ""
         return format_html(
             '<span class="notif-admin-title">{}</span><span class="notif-admin-body">{}</span>',
             obj.title,
             body,
+        )
+
+    @admin.display(description="sent", ordering="created_at")
+    def created_col(self, obj: Notification) -> str:
+        local = timezone.localtime(obj.created_at)
+        return format_html(
+            '<time datetime="{}" title="{}">{}</time>',
+            obj.created_at.isoformat(),
+            f"{local:%Y-%m-%d %H:%M:%S %Z}",
+            f"{local:%b %-d, %H:%M}",
         )
 
     @admin.display(description="level", ordering="level")

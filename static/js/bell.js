@@ -113,25 +113,47 @@
       toastBox.setAttribute("aria-live", "polite");
       document.body.appendChild(toastBox);
     }
-    var item = document.createElement("a");
+    var item = document.createElement("div");
     item.className = "toast notif-toast level-" + (n.level || "info");
-    item.href = isSafeLink(n.url) ? n.url : "/notifications/";
+    item.setAttribute("data-notification-id", String(n.id));
+    var link = document.createElement("a");
+    link.className = "notif-toast-link";
+    link.href = isSafeLink(n.url) ? n.url : "/notifications/";
     var title = document.createElement("strong");
     title.className = "notif-toast-title";
     title.textContent = n.title;
-    item.appendChild(title);
+    link.appendChild(title);
     if (n.body) {
       var body = document.createElement("span");
       body.className = "notif-toast-body";
       body.textContent = n.body.length > 140 ? n.body.slice(0, 139) + "…" : n.body;
-      item.appendChild(body);
+      link.appendChild(body);
     }
+    var close = document.createElement("button");
+    close.type = "button";
+    close.className = "notif-toast-close";
+    close.setAttribute("aria-label", "Dismiss");
+    close.textContent = "×";
+    close.addEventListener("click", function () { dismiss(item); });
+    item.append(link, close);
     toastBox.appendChild(item);
     while (toastBox.childElementCount > 3) toastBox.firstElementChild.remove();
-    setTimeout(function () {
-      item.classList.add("leaving");
-      setTimeout(function () { item.remove(); }, 300);
-    }, 6000);
+    setTimeout(function () { dismiss(item); }, 6000);
+  }
+
+  function dismiss(item) {
+    if (!item.isConnected || item.classList.contains("leaving")) return;
+    item.classList.add("leaving");
+    setTimeout(function () { item.remove(); }, 300);
+  }
+
+  // Toasts of notifications read meanwhile (here or in another tab) go away.
+  function dismissRead(ids) {
+    if (!toastBox) return;
+    toastBox.querySelectorAll(".notif-toast").forEach(function (item) {
+      var id = Number(item.getAttribute("data-notification-id"));
+      if (!ids || ids.indexOf(id) >= 0) dismiss(item);
+    });
   }
 
   function isSafeLink(url) {
@@ -152,10 +174,14 @@
       setState(msg.state === "idle" ? "connecting" : msg.state);
     } else if (msg.type === "event") {
       if (msg.id) bell.lastEventId = msg.id;
-      if (msg.event === "unread" && msg.data) setUnread(msg.data.count);
+      if (msg.event === "unread" && msg.data) {
+        setUnread(msg.data.count);
+        if (msg.data.count === 0) dismissRead(null);
+      }
       if (msg.event === "notification") toast(msg.data);
       emit(msg.event, { data: msg.data, id: msg.id });
     } else if (msg.type) {
+      if (msg.type === "read") dismissRead(msg.all ? null : msg.ids || []);
       emit(msg.type, msg); // relayed between tabs, e.g. {type: "read", ids}
     }
   }
