@@ -100,6 +100,15 @@ def sweep() -> list[int]:
     from .generation import finalize
 
     failed: list[int] = []
+    # Processes of this host that are gone first: their answers get the precise reason.
+    local = Message.objects.filter(
+        status=Message.Status.STREAMING, worker__startswith=f"{HOST}:"
+    ).values_list("id", "worker")[:SWEEP_BATCH]
+    for message_id, worker in list(local):
+        if is_dead(worker) and finalize(
+            message_id, status=Message.Status.FAILED, error=DEAD_PROCESS, only_if=Q(worker=worker)
+        ):
+            failed.append(message_id)
     stale = stale_filter()
     ids = list(
         Message.objects.filter(stale, status=Message.Status.STREAMING)
@@ -109,14 +118,6 @@ def sweep() -> list[int]:
     for message_id in ids:
         # Conditional: a heartbeat that came in meanwhile keeps the answer alive.
         if finalize(message_id, status=Message.Status.FAILED, error=STALE, only_if=stale_filter()):
-            failed.append(message_id)
-    local = Message.objects.filter(
-        status=Message.Status.STREAMING, worker__startswith=f"{HOST}:"
-    ).values_list("id", "worker")[:SWEEP_BATCH]
-    for message_id, worker in list(local):
-        if is_dead(worker) and finalize(
-            message_id, status=Message.Status.FAILED, error=DEAD_PROCESS, only_if=Q(worker=worker)
-        ):
             failed.append(message_id)
     if failed:
         logger.warning("marked %d abandoned answer(s) failed: %s", len(failed), failed)
