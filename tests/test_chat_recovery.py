@@ -52,7 +52,6 @@ async def test_killed_worker_answer_fails_on_restart_and_stopped_server_fails_it
         answer_id = posted["assistant_message"]["id"]
         head = await chat.answer(answer_id, max_events=2)
     first.kill()  # SIGKILL while it writes the answer
-    assert (await Message.objects.aget(pk=answer_id)).status == "streaming"
 
     second = start_server(**FAST)
     # Failed before the new server took requests: by its startup hook (unless another
