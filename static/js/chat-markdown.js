@@ -31,6 +31,8 @@
   var TABLE_SEP = /^ {0,3}\|?[ \t]*:?-+:?[ \t]*(\|[ \t]*:?-+:?[ \t]*)*\|?[ \t]*$/;
   var SAFE_LANG = /[^A-Za-z0-9_+#.-]/g;
   var MAX_DEPTH = 12;
+  var MAX_LABEL = 1000; // longest [link text] looked at
+  var MAX_TARGET = 2000; // longest (link target) looked at
 
   function el(tag, className) {
     var node = document.createElement(tag);
@@ -408,7 +410,8 @@
   function parseLinkAt(src, start) {
     var depthB = 0;
     var i = start;
-    for (; i < src.length; i++) {
+    var stop = Math.min(src.length, start + MAX_LABEL);
+    for (; i < stop; i++) {
       var c = src[i];
       if (c === "\\") {
         i += 1;
@@ -426,11 +429,12 @@
         if (depthB === 0) break;
       }
     }
-    if (i >= src.length || src[i] !== "]" || src[i + 1] !== "(") return null;
+    if (i >= stop || src[i] !== "]" || src[i + 1] !== "(") return null;
     var label = src.slice(start + 1, i);
     var j = i + 2;
     var parens = 0;
-    for (; j < src.length; j++) {
+    var end = Math.min(src.length, j + MAX_TARGET);
+    for (; j < end; j++) {
       var d = src[j];
       if (d === "\\") {
         j += 1;
@@ -442,7 +446,7 @@
         parens -= 1;
       } else if (d === "\n") return null;
     }
-    if (j >= src.length) return null;
+    if (j >= end) return null;
     var target = src.slice(i + 2, j).trim();
     var title = /^(\S+)\s+["'(].*["')]$/.exec(target);
     if (title) target = title[1];
@@ -453,7 +457,10 @@
   // Emphasis delimiters: the index of the closer of `delim` after `from`, or -1.
   // A run of the delimiter character closes from its end ("***" closes "**"
   // and leaves "*" inside); "**" inside "*...*" is a pair of its own.
-  function findCloser(src, delim, from) {
+  function findCloser(src, delim, from, memo) {
+    // No closer after `from` means none after any later start either: remember it,
+    // so that a run of openers without closers stays linear.
+    if (memo[delim] !== undefined && from >= memo[delim]) return -1;
     var ch = delim.charAt(0);
     var i = from;
     while (i < src.length) {
@@ -485,10 +492,19 @@
       }
       i += 1;
     }
+    memo[delim] = Math.min(from, memo[delim] === undefined ? from : memo[delim]);
     return -1;
   }
 
   function inline(src, parent, depth) {
+    var memo = {};
+    var nextClose = -2; // index of the next "](" at or after the last look, -1: none
+    // A link needs a "](" within reach: finding it once per stretch keeps a long
+    // run of "[" linear.
+    function linkPossible(at) {
+      if (nextClose === -2 || (nextClose !== -1 && nextClose < at)) nextClose = src.indexOf("](", at);
+      return nextClose !== -1 && nextClose - at <= MAX_LABEL;
+    }
     var buf = "";
     function flush() {
       if (buf) {
@@ -558,7 +574,7 @@
           !/\s/.test(src[i + delim.length]) &&
           !(c === "_" && i > 0 && /[A-Za-z0-9]/.test(src[i - 1]));
         if (opensOk) {
-          var end = findCloser(src, delim, i + delim.length);
+          var end = findCloser(src, delim, i + delim.length, memo);
           if (end !== -1) {
             flush();
             var tag = delim === "~~" ? "del" : delim.length === 2 ? "strong" : "em";
@@ -576,7 +592,7 @@
         }
       }
 
-      if (c === "!" && src[i + 1] === "[") {
+      if (c === "!" && src[i + 1] === "[" && linkPossible(i + 1)) {
         var img = parseLinkAt(src, i + 1);
         if (img) {
           // Images are shown as links: a model answer never loads anything.
@@ -587,7 +603,7 @@
         }
       }
 
-      if (c === "[") {
+      if (c === "[" && linkPossible(i)) {
         var lk = parseLinkAt(src, i);
         if (lk) {
           flush();

@@ -658,27 +658,43 @@
     ns.markdown.renderInto(view.md, value);
   }
 
+  // Streaming text is rendered at most once an animation frame, and less often
+  // when rendering gets slow (a very long answer): never more than a quarter of the time.
   var textFrame = 0;
+  var textTimer = 0;
+  var nextRenderAt = 0;
   var dirty = new Set();
   function scheduleText(id) {
     dirty.add(id);
-    if (textFrame) return;
-    textFrame = requestAnimationFrame(flushText);
+    if (textFrame || textTimer) return;
+    var wait = nextRenderAt - performance.now();
+    if (wait > 16) {
+      textTimer = setTimeout(function () {
+        textTimer = 0;
+        textFrame = requestAnimationFrame(flushText);
+      }, wait);
+    } else {
+      textFrame = requestAnimationFrame(flushText);
+    }
     // Hidden tabs get no animation frames; do not let the text wait for ever.
-    if (document.hidden) setTimeout(flushText, 250);
+    if (document.hidden) setTimeout(flushText, Math.max(250, wait));
   }
 
   function flushText() {
     cancelAnimationFrame(textFrame);
+    clearTimeout(textTimer);
     textFrame = 0;
+    textTimer = 0;
+    if (!dirty.size) return;
+    var started = performance.now();
     dirty.forEach(function (id) {
       var view = state.views.get(id);
-      if (view && view.md) {
-        renderText(view);
-      }
+      if (view && view.md) renderText(view);
     });
     dirty.clear();
     followBottom();
+    var now = performance.now();
+    nextRenderAt = now + 3 * (now - started);
   }
 
   function switchVersion(view, step) {
