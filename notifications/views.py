@@ -71,11 +71,11 @@ def htmx_page(request: HttpRequest) -> HttpResponse:
 @require_GET
 @login_required
 def htmx_items(request: HttpRequest) -> HttpResponse:
-    """Older items for the htmx page's "Load older" button."""
+    """Items for the htmx page: older ones (``before=<id>``), or the first page again."""
     raw = request.GET.get("before", "")
-    if not raw.isdigit() or len(raw) > 18:
+    if raw and (not raw.isdigit() or len(raw) > 18):
         return HttpResponse("before must be a notification id", status=400)
-    items, older = _page(request.user, int(raw))
+    items, older = _page(request.user, int(raw) if raw else None)
     return render(request, "notifications/_items.html", {"items": items, "older": older})
 
 

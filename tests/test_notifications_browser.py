@@ -70,16 +70,42 @@ def settled_streams(server) -> int:
 
 def seed(alice) -> None:
     """A realistic inbox: every level, a read one, a broadcast."""
-    send(alice, title="Your weekly usage report is ready", topic="reports",
-         body="You sent 1,284 messages this week, up 12% from last week.", url="/chat/")
-    old = send(alice, title="Invoice #1042 is due in 3 days", level="warning", topic="billing",
-               body="The card ending in 4242 will be charged $49.00 on Friday.")
-    send(alice, title="Nightly backup failed", level="error", topic="ops",
-         body="The backup job exited with code 2 at 03:12 UTC: the storage quota is exceeded.")
-    send(None, title="Scheduled maintenance on Sunday, 02:00–03:00 UTC", level="warning",
-         topic="announcements", body="Chat stays available; answers may pause for a minute.")
-    send(alice, title="Deploy finished: ssechat v2.4.1 is live", level="success",
-         topic="deploys", body="14 changes, all checks green.", url="https://example.com/releases")
+    send(
+        alice,
+        title="Your weekly usage report is ready",
+        topic="reports",
+        body="You sent 1,284 messages this week, up 12% from last week.",
+        url="/chat/",
+    )
+    old = send(
+        alice,
+        title="Invoice #1042 is due in 3 days",
+        level="warning",
+        topic="billing",
+        body="The card ending in 4242 will be charged $49.00 on Friday.",
+    )
+    send(
+        alice,
+        title="Nightly backup failed",
+        level="error",
+        topic="ops",
+        body="The backup job exited with code 2 at 03:12 UTC: the storage quota is exceeded.",
+    )
+    send(
+        None,
+        title="Scheduled maintenance on Sunday, 02:00-03:00 UTC",
+        level="warning",
+        topic="announcements",
+        body="Chat stays available; answers may pause for a minute.",
+    )
+    send(
+        alice,
+        title="Deploy finished: ssechat v2.4.1 is live",
+        level="success",
+        topic="deploys",
+        body="14 changes, all checks green.",
+        url="https://example.com/releases",
+    )
     with off_browser_loop():
         services.mark_read(alice, old.pk)  # fmt: skip
 
@@ -276,9 +302,7 @@ def test_pages_reconnect_after_a_restart_and_show_what_was_sent_meanwhile(
     screenshot(htmx_page, "notifications-htmx-after-restart")
 
 
-def test_ten_tabs_share_one_stream_and_every_page_still_loads(
-    live_server, browser_context, alice
-):
+def test_ten_tabs_share_one_stream_and_every_page_still_loads(live_server, browser_context, alice):
     login(browser_context, live_server.url, alice)
     before = settled_streams(live_server)
     pages = [
@@ -306,9 +330,7 @@ def test_ten_tabs_share_one_stream_and_every_page_still_loads(
     assert browser_context.console_errors == []
 
 
-def test_without_shared_worker_a_leader_tab_shares_the_stream(
-    live_server, chromium_browser, alice
-):
+def test_without_shared_worker_a_leader_tab_shares_the_stream(live_server, chromium_browser, alice):
     context = chromium_browser.new_context(viewport={"width": 1280, "height": 800})
     context.add_init_script("delete window.SharedWorker;")
     try:

@@ -356,6 +356,8 @@
     };
   }
 
+  var rendered = el.getAttribute("data-unread");
+  if (rendered) setUnread(Number(rendered));
   label();
   try {
     if (typeof SharedWorker === "function") startWorker();

@@ -241,6 +241,7 @@
     clearTimeout(c.timer);
     c.timer = null;
     var fresh = c.lastId == null;
+    if (fresh) c.told = false; // no resume id: the tabs must reload once this one is up
     var url = "/api/chat/conversations/" + c.id + "/stream/";
     if (!fresh) url += "?lastEventId=" + encodeURIComponent(c.lastId);
     var es = new EventSource(url);

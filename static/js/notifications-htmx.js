@@ -6,7 +6,9 @@
  *    keep the last event id seen and give it to the new EventSource as
  *    ?lastEventId= (htmx.createEventSource is the extension's hook for this).
  * 2. One row per notification: a notification sent again replaces its row.
- * 3. The connection state pill, and local times.
+ * 3. After a `reset` (the server could not resume from our id), the list is
+ *    loaded again.
+ * 4. The connection state pill, and local times.
  */
 (function () {
   "use strict";
@@ -47,6 +49,10 @@
     });
     // `unread` is sent once the backlog is through: that is when we are live.
     source.addEventListener("unread", function () { setConn("live"); });
+    source.addEventListener("reset", function () {
+      var list = document.getElementById("notif-list");
+      if (list) htmx.ajax("GET", list.getAttribute("data-reload-url"), { target: list, swap: "innerHTML" });
+    });
   });
 
   document.addEventListener("htmx:sseError", function () { setConn("reconnecting"); });
