@@ -34,10 +34,6 @@ def sentence(count: int) -> str:
     return " ".join(WORDS[i % len(WORDS)] for i in range(count)) + "."
 
 
-def norm(text: str) -> str:
-    return " ".join(text.split())
-
-
 @pytest.fixture(scope="module")
 def slow_server(django_db_blocker, log_dir):
     """A server whose demo model writes 15 tokens a second: answers to watch.
