@@ -138,9 +138,11 @@ class Sub(asyncio.Protocol):
             group.latencies.append(now - int(match[2]))
 
     def _fail(self, reason: str) -> None:
-        self.group.errors[reason] = self.group.errors.get(reason, 0) + 1
+        if not self.closing:  # not a stream this client gave up on itself
+            self.group.errors[reason] = self.group.errors.get(reason, 0) + 1
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(reason))
+            self.ready.exception()  # retrieved: no "never retrieved" warning
         if self.transport is not None:
             self.transport.close()
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -96,6 +97,10 @@ class Config:
     phases: tuple[str, ...] = ("connect", "fanout", "throughput", "resume", "idle")
     ssechat_feed: str = "auto"
     log_level: str = "INFO"
+    plot: bool = True
+    server_env: dict = field(default_factory=dict)
+    chat_backend: str = "ollama"
+    chat_answers: int = 0
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ssechat-bench-")))
 
     @classmethod
@@ -280,6 +285,7 @@ async def phase_fanout(
         for s in servers
     ]
     steps, first = [], 0
+    max_subs = cfg.fanout_steps[-1][0]
     try:
         for subscribers, secs in cfg.fanout_steps:
             for i, group in enumerate(groups):
@@ -292,7 +298,10 @@ async def phase_fanout(
                         log(f"  {label or target.key}: {failed} failed: {errors}")
             await asyncio.sleep(1.0)
             count = int(cfg.rate * secs)
-            step = await fanout_step(servers, groups, request_for, ports, count, first, cfg)
+            profiled = cfg.profile and target.key == "ssechat" and subscribers == max_subs
+            name = "ssechat-" + (label or "fanout").replace(" ", "-")
+            async with Profiler(servers[0].pid, name, profiled):
+                step = await fanout_step(servers, groups, request_for, ports, count, first, cfg)
             first += count
             steps.append(step)
             log(
@@ -317,9 +326,13 @@ async def phase_throughput(server: ServerProc, target: Target, headers, request_
     cpu0 = server.cpu_seconds()
     own0, wall0 = time.process_time(), time.monotonic()
     start = group.delivered
-    stats = await publish_closed_loop(
-        request_for, [server.port], cfg.throughput_seconds, concurrency=cfg.throughput_publishers
-    )
+    async with Profiler(server.pid, "ssechat-throughput", cfg.profile and target.key == "ssechat"):
+        stats = await publish_closed_loop(
+            request_for,
+            [server.port],
+            cfg.throughput_seconds,
+            concurrency=cfg.throughput_publishers,
+        )
     in_window = group.delivered - start
     window_cpu = server.cpu_seconds() - cpu0
     own1, wall1 = time.process_time(), time.monotonic()
@@ -507,17 +520,30 @@ class Profiler:
         self.proc: subprocess.Popen | None = None
         self.out = RESULTS / "profiles" / f"{name}.txt"
 
-    def __enter__(self):
+    def _start(self) -> bool:
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         if not self.enabled or not Path(spy).exists():
-            return self
+            return False
         self.out.parent.mkdir(exist_ok=True)
+        # --gil: only samples holding the GIL, i.e. the process's Python CPU time.
         command = [spy, "record", "--pid", str(self.pid), "--rate", str(self.rate),
-                   "--nonblocking", "--format", "raw", "-o", str(self.out)]  # fmt: skip
+                   "--nonblocking", "--gil", "--format", "raw", "-o", str(self.out)]  # fmt: skip
         with open(self.out.with_suffix(".log"), "wb") as spy_log:
             self.proc = subprocess.Popen(command, stdout=spy_log, stderr=spy_log)
-        time.sleep(1.0)
+        return True
+
+    def __enter__(self):
+        if self._start():
+            time.sleep(1.0)
         return self
+
+    async def __aenter__(self):
+        if self._start():
+            await asyncio.sleep(1.0)
+        return self
+
+    async def __aexit__(self, *exc):
+        await asyncio.to_thread(self.__exit__)
 
     def __exit__(self, *exc):
         if self.proc is None:
@@ -568,18 +594,10 @@ def run_target(target: Target, cfg: Config) -> dict:
                 out["connect"]["db_connections_idle"] = db_handles(server)()
             if "fanout" in phases:
                 log(f"{target.label}: fan-out")
-                with Profiler(
-                    server.pid, f"{target.key}-fanout", cfg.profile and target.key == "ssechat"
-                ):
-                    out["fanout"] = run(phase_fanout([server], target, headers, request_for, cfg))
+                out["fanout"] = run(phase_fanout([server], target, headers, request_for, cfg))
             if "throughput" in phases:
                 log(f"{target.label}: throughput")
-                with Profiler(
-                    server.pid, f"{target.key}-throughput", cfg.profile and target.key == "ssechat"
-                ):
-                    out["throughput"] = run(
-                        phase_throughput(server, target, headers, request_for, cfg)
-                    )
+                out["throughput"] = run(phase_throughput(server, target, headers, request_for, cfg))
             if (
                 "resume" in phases
                 and target.resume
@@ -630,7 +648,7 @@ def run_pg(target: Target, cfg: Config) -> dict:
         creds = setup_db(target, env, cfg.users, cfg.workdir / "pg-creds.json")
         headers = cookie_headers(creds)
         steps = cfg.fanout_steps[-1:]
-        pg_cfg = Config(**{**cfg.__dict__, "fanout_steps": steps})
+        pg_cfg = dataclasses.replace(cfg, fanout_steps=steps)
         log("ssechat on PostgreSQL, one worker: fan-out")
         one = start_server(target, env, "ssechat-pg1", cfg)
         servers.append(one)
@@ -645,10 +663,7 @@ def run_pg(target: Target, cfg: Config) -> dict:
         request_for = publisher(target, creds, [s.port for s in two])
         for s in two:
             run(warm_up(s, target, headers, publisher(target, creds, [s.port])))
-        with Profiler(two[0].pid, "ssechat-pg-worker", cfg.profile):
-            out["two_workers"] = run(
-                phase_fanout(two, target, headers, request_for, pg_cfg, "pg x2")
-            )
+        out["two_workers"] = run(phase_fanout(two, target, headers, request_for, pg_cfg, "pg x2"))
         with psycopg.connect(url) as conn:
             rows = conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", [name]
@@ -682,6 +697,10 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--idle-streams", type=int, default=None)
     parser.add_argument("--publishers", type=int, default=None,
                         help="concurrent publishers in the throughput phase")  # fmt: skip
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for the ssechat servers (repeatable)")  # fmt: skip
+    parser.add_argument("--chat-answers", type=int, default=0, help="answers at once (chat)")
+    parser.add_argument("--chat-backend", default="ollama", choices=("ollama", "openai"))
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     cfg = Config.quick_config() if args.quick else Config()
@@ -697,6 +716,9 @@ def parse_args(argv: list[str] | None) -> Config:
     cfg.ssechat_feed = args.ssechat_feed
     cfg.log_level = args.log_level
     cfg.plot = not args.no_plot
+    cfg.chat_answers = args.chat_answers
+    cfg.chat_backend = args.chat_backend
+    cfg.server_env = dict(item.split("=", 1) for item in args.server_env)
     return cfg
 
 
@@ -722,6 +744,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{results['machine']['loadavg_start']}")  # fmt: skip
     targets = make_targets(cfg.ssechat_feed, cfg.log_level)
     ssechat = next(t for t in targets if t.key == "ssechat")
+    ssechat.env.update(cfg.server_env)
     results["ssechat_feed"] = "notifications" if ssechat.notifications else "core"
     try:
         for target in targets:
@@ -759,7 +782,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(report.table(results))
     print(f"\nresults: {path.relative_to(ROOT)} ({results['seconds']} s)")
-    if getattr(cfg, "plot", True):
+    if cfg.plot:
         with contextlib.suppress(Exception):
             from . import plot
 
