@@ -272,11 +272,14 @@ def stop_local(message_id: int) -> bool:
     return True
 
 
-def abort_all() -> None:
-    """The server is stopping: cancel every generation here (each ends its answer failed)."""
-    for generation in list(_active.values()):
-        if generation.task is not None:
-            generation.task.cancel()
+async def abort_all() -> None:
+    """The server is stopping: cancel every generation here and wait until each has
+    ended its answer as failed (text so far kept, ``done`` published)."""
+    tasks = [g.task for g in list(_active.values()) if g.task is not None and not g.task.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def stop_local_threadsafe(message_id: int) -> None:

@@ -39,6 +39,7 @@ HOST = socket.gethostname()[:120] or "localhost"
 DEAD_PROCESS = "The server process writing this answer stopped before it finished."
 STALE = "The server writing this answer stopped responding, so the answer was abandoned."
 SWEEP_BATCH = 500
+SHUTDOWN_GRACE_SECONDS = 5.0
 
 _identity: tuple[int, str] | None = None
 
@@ -194,18 +195,40 @@ def ensure_monitor() -> None:
     _monitors[loop] = spawn(_monitor(), name="chat-monitor")
 
 
+_stopping = False
+
+
+def _pass_on(previous, signum, frame) -> None:
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+
+async def _end_answers_then(previous, signum, frame) -> None:
+    from . import generation
+
+    try:
+        await asyncio.wait_for(generation.abort_all(), SHUTDOWN_GRACE_SECONDS)
+    except Exception:
+        logger.exception("ending the answers of this process at shutdown failed")
+    finally:
+        _pass_on(previous, signum, frame)
+
+
 def install_shutdown_handler() -> None:
-    """On SIGTERM/SIGINT, end this process's answers as failed at once.
+    """On SIGTERM/SIGINT, end this process's answers as failed, then let the server stop.
 
     uvicorn exits by re-raising the signal once it has stopped serving, which
     kills the process before asyncio would cancel (and so finish) background
-    tasks; the answers are ended while the server is still shutting down.
-    Answers missed here are failed by the next process that starts.
+    tasks: so the answers are ended first (``done`` events included, while
+    streams are still open), and only then is the signal passed on. A second
+    signal is passed on at once. Answers missed here are failed by the next
+    process that starts.
     """
     if threading.current_thread() is not threading.main_thread():
         return
-    from . import generation
-
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(sig)
@@ -213,12 +236,17 @@ def install_shutdown_handler() -> None:
             continue
 
         def handler(signum, frame, previous=previous):
-            loop.call_soon_threadsafe(generation.abort_all)
-            if callable(previous):
-                previous(signum, frame)
-            elif previous == signal.SIG_DFL:
-                signal.signal(signum, signal.SIG_DFL)
-                signal.raise_signal(signum)
+            global _stopping
+            if _stopping:
+                _pass_on(previous, signum, frame)
+                return
+            _stopping = True
+            try:
+                loop.call_soon_threadsafe(
+                    lambda: spawn(_end_answers_then(previous, signum, frame), name="chat-stop")
+                )
+            except RuntimeError:  # the loop is closed
+                _pass_on(previous, signum, frame)
 
         handler.chat_hook = True  # type: ignore[attr-defined]
         signal.signal(sig, handler)

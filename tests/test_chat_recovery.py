@@ -103,7 +103,7 @@ def _abandoned_answer(user, worker: str, heartbeat_age: float) -> tuple[int, int
 
 async def periodic_check_fails_answers_with_a_stale_heartbeat(chat: ChatClient, user) -> None:
     _, stale_id = await sync_to_async(_abandoned_answer)(user, "elsewhere:1:abc", 120)
-    _, alive_id = await sync_to_async(_abandoned_answer)(user, "elsewhere:2:abc", 0)
+    _, alive_id = await sync_to_async(_abandoned_answer)(user, "elsewhere:2:abc", -60)
     # Nobody asks for it: the server's periodic check finds it.
     row = await wait_for_status(stale_id, "failed")
     assert row.error == STALE and row.content == "partial text"
@@ -136,7 +136,7 @@ def test_recover_answers_command(alice):
     from django.core.management import call_command
 
     _, stale_id = _abandoned_answer(alice, "elsewhere:1:abc", 120)
-    _, alive_id = _abandoned_answer(alice, "elsewhere:2:abc", 0)
+    _, alive_id = _abandoned_answer(alice, "elsewhere:2:abc", -60)
     out = StringIO()
     call_command("recover_answers", stdout=out)
     assert "Marked 1 abandoned answer(s) failed." in out.getvalue()
