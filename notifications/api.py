@@ -15,6 +15,7 @@ from .models import Notification, is_valid_topic
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
+MAX_PK = 2**63 - 1  # beyond a 64-bit key no row can exist (and SQLite would overflow)
 CREATE_FIELDS = ("recipient", "topic", "level", "title", "body", "url", "data")
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off", "")
@@ -117,6 +118,8 @@ async def create(request: HttpRequest) -> JsonResponse:
 async def mark_read(request: HttpRequest, pk: int) -> JsonResponse:
     user = await request.auser()
     try:
+        if pk > MAX_PK:
+            raise Notification.DoesNotExist
         count = await sync_to_async(services.mark_read)(user, pk)
     except Notification.DoesNotExist as exc:
         raise ApiError(404, f"Notification {pk} not found.") from exc

@@ -14,6 +14,7 @@ from .models import Level, Notification
 from .presenters import fragment_context
 
 PAGE_SIZE = 20
+MAX_PK = 2**63 - 1
 
 
 def stream_position() -> int | None:
@@ -24,7 +25,9 @@ def stream_position() -> int | None:
     are dropped by id on the page).
     """
     hub = get_hub()
-    return hub.horizon if hub.loop is not None and hub.horizon > 0 else None
+    if hub.loop is None or hub.broker is None:
+        return None  # not serving streams in this process (e.g. a WSGI server)
+    return hub.horizon
 
 
 @require_GET
@@ -94,6 +97,8 @@ def unread_badge(request: HttpRequest) -> HttpResponse:
 @login_required
 def read_one(request: HttpRequest, pk: int) -> HttpResponse:
     try:
+        if pk > MAX_PK:
+            raise Notification.DoesNotExist
         services.mark_read(request.user, pk)
     except Notification.DoesNotExist as exc:
         raise Http404("No such notification.") from exc

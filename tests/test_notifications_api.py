@@ -211,6 +211,7 @@ async def test_someone_elses_notification_is_404(alice, bob, as_user):
     async with await as_user(alice) as api:
         assert_error(await api.post(f"/api/notifications/{theirs.pk}/read/"), 404)
         assert_error(await api.post("/api/notifications/999999/read/"), 404)
+        assert_error(await api.post(f"/api/notifications/{10**20}/read/"), 404)
         response = await api.get(f"/api/notifications/{theirs.pk}/read/")
         assert response.status_code == 405 and response.headers["allow"] == "POST"
     assert (await Notification.objects.aget(pk=theirs.pk)).read_at is None
@@ -387,3 +388,59 @@ def test_fragment_links_only_safe_urls():
     for url in ["/chat/1/", "https://example.com/a?b=1", "http://localhost:8000/"]:
         assert fragment_context({**base, "url": url})["link"] == url
     assert fragment_context({**base, "level": "weird"})["level"] == "info"
+
+
+# -- the htmx page's HTML endpoints ------------------------------------------------------------
+async def test_htmx_endpoints(live_server, alice, bob, login_cookies):
+    made = [await send(alice, title=f"<i>n{i}</i>") for i in range(25)]
+    theirs = await send(bob, title="bob's")
+    cookies = await sync_to_async(login_cookies)(alice)
+    async with httpx.AsyncClient(base_url=live_server.url, cookies=cookies, timeout=10) as http:
+        page = await http.get("/notifications/htmx/")
+        assert page.status_code == 200
+        text = page.text
+        assert 'sse-swap="notification"' in text and "hx-sse-2.min.js" in text
+        assert "/api/notifications/stream/?format=html&amp;lastEventId=" in text
+        assert text.count('class="notif level-info unread"') == 20  # the first page
+        assert "&lt;i&gt;n24&lt;/i&gt;" in text and "<i>n" not in text
+        token = text.split('name="csrf-token" content="')[1].split('"')[0]
+        htmx = {"HX-Request": "true", "X-CSRFToken": token}
+
+        older = await http.get(f"/notifications/htmx/items/?before={made[5].pk}")
+        assert older.status_code == 200
+        assert older.text.count('<li class="notif ') == 5 and "Load older" not in older.text
+        assert (await http.get("/notifications/htmx/items/?before=x")).status_code == 400
+
+        response = await http.post(f"/notifications/htmx/{made[0].pk}/read/", headers=htmx)
+        assert response.status_code == 200
+        assert response.text.startswith(
+            f'<li class="notif level-info" id="notification-{made[0].pk}"'
+        )
+        unread = await http.get("/notifications/htmx/unread/")
+        assert "<strong>24</strong> unread" in unread.text
+        response = await http.post(f"/notifications/htmx/{theirs.pk}/read/", headers=htmx)
+        assert response.status_code == 404
+        response = await http.post("/notifications/htmx/read-all/", headers=htmx)
+        assert response.status_code == 200 and "unread" not in response.text.split('"notif ')[1]
+        # Without htmx, the form posts come back to the page.
+        response = await http.post(
+            f"/notifications/htmx/{made[1].pk}/read/", headers={"X-CSRFToken": token}
+        )
+        assert (
+            response.status_code == 302 and response.headers["location"] == "/notifications/htmx/"
+        )
+        assert "You're all caught up" in (await http.get("/notifications/htmx/unread/")).text
+    assert await Notification.objects.filter(recipient=bob, read_at__isnull=True).acount() == 1
+
+
+async def test_page_and_bell_render(live_server, alice, login_cookies):
+    await send(alice, title="one")
+    cookies = await sync_to_async(login_cookies)(alice)
+    async with httpx.AsyncClient(base_url=live_server.url, cookies=cookies, timeout=10) as http:
+        text = (await http.get("/notifications/")).text
+        assert 'id="notif-list"' in text and "js/notifications.js" in text
+        # The bell on every page: its count comes with the page, then from the stream.
+        demo = (await http.get("/demo/")).text
+        assert 'data-bell data-user="' in demo and 'data-unread="1"' in demo
+        assert '<span class="badge" id="bell-badge">1</span>' in demo
+        assert "js/bell.js" in demo and "css/notifications.css" in demo
