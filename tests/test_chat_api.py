@@ -147,10 +147,10 @@ async def test_one_answer_at_a_time_per_conversation(chat_server, alice, api_tok
         assert response.status_code == 409
         # Another conversation is not blocked.
         other = await chat.conversation()
-        await chat.send(other["id"], echo("fine"))
+        await chat.ask(other["id"], echo("fine"))
         await chat.request("POST", f"/api/chat/messages/{answer_id}/cancel/")
         # Once the answer has ended, the conversation takes messages again.
-        await chat.send(conversation["id"], echo("now it works"))
+        await chat.ask(conversation["id"], echo("now it works"))
 
 
 async def test_cancel_keeps_the_text_so_far_and_is_idempotent(chat_server, alice, api_token):
@@ -289,7 +289,7 @@ async def test_limits(chat_server, alice, bob, api_token):
     # Limits are per user.
     async with ChatClient(chat_server.url, await sync_to_async(api_token)(bob)) as chat:
         conversation = await chat.conversation()
-        await chat.send(conversation["id"], echo("bob is fine"))
+        await chat.ask(conversation["id"], echo("bob is fine"))
 
 
 async def test_session_requests_need_the_csrf_token(chat_server, alice, login_cookies):

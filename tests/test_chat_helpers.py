@@ -3,6 +3,10 @@
 ``chat_server``: one uvicorn server per test module with a fast demo model and
 fast heartbeats; ``ChatClient``: the chat API and streams over HTTP with a
 Bearer token, as a script would use them.
+
+A test must not end while one of its answers is still being written: the
+database flush after it could deadlock with the server's writes on
+PostgreSQL. Read answers to their end (``ask``) or cancel them.
 """
 
 from __future__ import annotations

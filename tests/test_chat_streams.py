@@ -135,7 +135,6 @@ async def test_chunking_bounds_the_writes_of_a_fast_answer(chat):
     deltas = [e for e in events if e.event == "delta"]
     assert joined(events) == text
     assert len(deltas) <= 40, len(deltas)  # not one write per token
-    assert all(len(json.loads(e.data)["text"]) <= 400 for e in deltas)
     answer_id = posted["assistant_message"]["id"]
     stored = await Event.objects.filter(channel=f"chat:message:{answer_id}").acount()
     assert stored == len(events)
