@@ -34,7 +34,7 @@ def log_dir() -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _close_worker_thread_connections(django_db_setup):
+def _close_worker_thread_connections(django_db_setup, django_db_blocker):
     """Async tests run ORM code on asgiref's worker thread; close its connection
     before the test database is dropped."""
     yield
@@ -42,6 +42,14 @@ def _close_worker_thread_connections(django_db_setup):
     from django.db import connections
 
     SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=10)
+    if connection.vendor == "postgresql":
+        # Whatever else is still connected (a thread of a test, a server being torn
+        # down) would stop the test database from being dropped.
+        with django_db_blocker.unblock(), connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
 
 
 @pytest.fixture(autouse=True)
