@@ -84,6 +84,8 @@ async def message_stream(request: HttpRequest, pk: int) -> HttpResponse:
 
     prefix: list[bytes] = []
     start, from_start = resume, True
+    if position is not None and message.start_event_id and position < message.start_event_id:
+        resume = None  # an id from before the answer began: the client has none of it
     if resume is None:
         pruned, latest = await run_db(log_bounds)
         if message.start_event_id is not None and message.start_event_id >= pruned:

@@ -64,6 +64,9 @@ async def test_resume_after_done_gets_204(chat):
     # Resuming before the end gets the rest, and the done.
     rest = await chat.answer(posted["assistant_message"]["id"], last_id=events[-2].id)
     assert [e.event for e in rest] == ["done"]
+    # An id from before the answer began (another stream's, say): the whole answer.
+    again = await chat.answer(posted["assistant_message"]["id"], last_id="1")
+    assert [e.id for e in again] == [e.id for e in events]
 
 
 async def test_resume_from_every_point_gets_the_rest_exactly(chat):
