@@ -40,6 +40,7 @@ logger = logging.getLogger("chat.generation")
 
 SHUTDOWN = "The server was stopped while this answer was being written."
 INTERNAL = "The answer failed because of an error in the server."
+GONE = "The message this answer replies to was deleted."
 TITLE_LENGTH = 60
 
 
@@ -119,14 +120,16 @@ def create_answer(user_message: Message, conversation: Conversation) -> Message:
     return answer
 
 
-def history_for(user_message_id: int) -> list[dict[str, str]]:
+def history_for(user_message_id: int) -> list[dict[str, str]] | None:
     """The conversation sent to the model for an answer to ``user_message_id``.
 
     Every complete message before it, oldest first, each user message followed
     by its latest complete answer (a regenerated answer replaces the earlier
-    ones), then the user message itself.
+    ones), then the user message itself. None if the message is gone (deleted).
     """
-    target = Message.objects.get(pk=user_message_id)
+    target = Message.objects.filter(pk=user_message_id).first()
+    if target is None:
+        return None
     rows = (
         Message.objects.filter(conversation_id=target.conversation_id, status="complete")
         .filter(
@@ -389,11 +392,15 @@ class _Generation:
         interval = limits.flush_seconds()
         max_chars = limits.flush_chars()
         history = self.history
-        if history is None:
-            history = (
-                await run_db(history_for, self.reply_to_id) if self.reply_to_id is not None else []
-            )
-        self.pump = asyncio.create_task(self._pump(history), name=f"chat-model-{self.message_id}")
+        if history is None and self.reply_to_id is not None:
+            history = await run_db(history_for, self.reply_to_id)
+            if history is None:  # the question (or the whole conversation) was deleted
+                await run_db(finalize, self.message_id, status=Message.Status.FAILED, error=GONE)
+                self.stopped = True
+                return
+        self.pump = asyncio.create_task(
+            self._pump(history or []), name=f"chat-model-{self.message_id}"
+        )
         pending = self.pending
         size = 0
         usage: Usage | None = None

@@ -359,3 +359,19 @@ async def test_admin_lists_searches_exports_and_cancels(
         events = await chat.answer(answer_id)
         assert done_of(events)["status"] == "cancelled"
         assert joined(events) == done_of(events)["content"]
+
+
+async def test_deleting_a_conversation_ends_its_streaming_answer(chat_server, alice, api_token):
+    async with ChatClient(chat_server.url, await sync_to_async(api_token)(alice)) as chat:
+        conversation = await chat.conversation()
+        posted = await chat.send(conversation["id"], SLOW)
+        answer_id = posted["assistant_message"]["id"]
+        reader = asyncio.create_task(chat.answer(answer_id))
+        await chat.answer(answer_id, max_events=1)  # it is being written
+        response = await chat.request("DELETE", f"/api/chat/conversations/{conversation['id']}/")
+        assert response.status_code == 204
+        events = await asyncio.wait_for(reader, 20)
+        assert done_of(events)["status"] == "cancelled"
+        assert joined(events) == done_of(events)["content"]
+        response = await chat.request("GET", f"/api/chat/messages/{answer_id}/stream/")
+        assert response.status_code == 404
