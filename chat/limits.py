@@ -143,6 +143,8 @@ def check_answer_limits(user_id: int) -> None:
             Message.objects.filter(
                 conversation__owner_id=user_id,
                 role=Message.Role.ASSISTANT,
+                # Generated answers only: history an API client resends is not a request.
+                reply_to__isnull=False,
                 created_at__gte=since,
             )
             .order_by("-created_at")

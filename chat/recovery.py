@@ -20,9 +20,7 @@ import asyncio
 import logging
 import os
 import secrets
-import signal
 import socket
-import threading
 from datetime import timedelta
 
 from django.db.models import Q
@@ -39,7 +37,6 @@ HOST = socket.gethostname()[:120] or "localhost"
 DEAD_PROCESS = "The server process writing this answer stopped before it finished."
 STALE = "The server writing this answer stopped responding, so the answer was abandoned."
 SWEEP_BATCH = 500
-SHUTDOWN_GRACE_SECONDS = 5.0
 
 _identity: tuple[int, str] | None = None
 
@@ -195,67 +192,9 @@ def ensure_monitor() -> None:
     _monitors[loop] = spawn(_monitor(), name="chat-monitor")
 
 
-_stopping = False
-
-
-def _pass_on(previous, signum, frame) -> None:
-    if callable(previous):
-        previous(signum, frame)
-    elif previous == signal.SIG_DFL:
-        signal.signal(signum, signal.SIG_DFL)
-        signal.raise_signal(signum)
-
-
-async def _end_answers_then(previous, signum, frame) -> None:
-    from . import generation
-
-    try:
-        await asyncio.wait_for(generation.abort_all(), SHUTDOWN_GRACE_SECONDS)
-    except Exception:
-        logger.exception("ending the answers of this process at shutdown failed")
-    finally:
-        _pass_on(previous, signum, frame)
-
-
-def install_shutdown_handler() -> None:
-    """On SIGTERM/SIGINT, end this process's answers as failed, then let the server stop.
-
-    uvicorn exits by re-raising the signal once it has stopped serving, which
-    kills the process before asyncio would cancel (and so finish) background
-    tasks: so the answers are ended first (``done`` events included, while
-    streams are still open), and only then is the signal passed on. A second
-    signal is passed on at once. Answers missed here are failed by the next
-    process that starts.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous = signal.getsignal(sig)
-        if getattr(previous, "chat_hook", False):
-            continue
-
-        def handler(signum, frame, previous=previous):
-            global _stopping
-            if _stopping:
-                _pass_on(previous, signum, frame)
-                return
-            _stopping = True
-            try:
-                loop.call_soon_threadsafe(
-                    lambda: spawn(_end_answers_then(previous, signum, frame), name="chat-stop")
-                )
-            except RuntimeError:  # the loop is closed
-                _pass_on(previous, signum, frame)
-
-        handler.chat_hook = True  # type: ignore[attr-defined]
-        signal.signal(sig, handler)
-
-
 async def on_server_start() -> None:
     """Startup hook: fail what dead processes left behind, then watch periodically."""
     try:
-        install_shutdown_handler()
         await run_db(sweep)
     finally:
         ensure_monitor()

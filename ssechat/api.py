@@ -140,6 +140,10 @@ def api_view(methods: tuple[str, ...] = ("GET",), *, login_required: bool = True
 def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
     """CSRF failures: JSON on API URLs, Django's own page elsewhere."""
     if request.path.startswith(("/api/", "/v1/")) or request.path.endswith("/stream/"):
+        user = getattr(request, "user", None)
+        if user is not None and not user.is_authenticated:
+            # No session and no token: the answer is "who are you?", not "bad token".
+            return json_error(401, "not_authenticated", "Log in or send a Bearer token.")
         return json_error(
             403, "csrf_failed", f"CSRF check failed ({reason}). Send the X-CSRFToken header."
         )

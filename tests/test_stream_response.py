@@ -75,12 +75,17 @@ async def test_anonymous_gets_401_json_never_a_redirect(live_server):
         assert "location" not in response.headers
 
 
-async def test_post_to_a_stream(live_server, alice, api_token):
-    async with httpx.AsyncClient(base_url=live_server.url, timeout=5) as client:
+async def test_post_to_a_stream(live_server, alice, api_token, login_cookies):
+    cookies = await sync_to_async(login_cookies)(alice)
+    async with httpx.AsyncClient(base_url=live_server.url, timeout=5, cookies=cookies) as client:
         # A browser-style POST without a CSRF token is refused before the view, in JSON.
         response = await client.post("/demo/stream/")
         assert response.status_code == 403
         assert response.json()["error"] == "csrf_failed"
+    async with httpx.AsyncClient(base_url=live_server.url, timeout=5) as client:
+        # Without a session either: "who are you?" (401), never a redirect.
+        response = await client.post("/api/test/channels/x/stream/")
+        assert response.status_code == 401
         # A Bearer request is exempt from CSRF and gets the method answer.
         token = await sync_to_async(api_token)(alice)
         response = await client.post(

@@ -33,6 +33,7 @@ from django.urls import set_script_prefix
 
 from ssechat.api import json_error
 
+from .db import spawn
 from .fastlane import FastLane
 from .hub import get_hub
 from .response import EventStreamResponse
@@ -41,31 +42,82 @@ logger = logging.getLogger("ssechat.streams")
 
 # Async callables run once when the server starts (e.g. mark answers of a dead worker failed).
 STARTUP_HOOKS: list[Callable[[], Awaitable[None]]] = []
+# Async callables run once when the server is told to stop, after open streams are ended
+# and before the server exits (e.g. end this process's answers). At most SHUTDOWN_GRACE s.
+SHUTDOWN_HOOKS: list[Callable[[], Awaitable[None]]] = []
+SHUTDOWN_GRACE_SECONDS = 5.0
 
 
 def on_startup(hook: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
-    STARTUP_HOOKS.append(hook)
+    if hook not in STARTUP_HOOKS:
+        STARTUP_HOOKS.append(hook)
     return hook
 
 
+def on_shutdown(hook: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    if hook not in SHUTDOWN_HOOKS:
+        SHUTDOWN_HOOKS.append(hook)
+    return hook
+
+
+_shutdown_hooks_done: asyncio.Event | None = None
+
+
+async def run_shutdown_hooks() -> None:
+    """Run the shutdown hooks once per process (the signal or the lifespan, first wins)."""
+    global _shutdown_hooks_done
+    if _shutdown_hooks_done is not None:
+        await _shutdown_hooks_done.wait()
+        return
+    _shutdown_hooks_done = asyncio.Event()
+    try:
+        for hook in SHUTDOWN_HOOKS:
+            try:
+                await asyncio.wait_for(hook(), SHUTDOWN_GRACE_SECONDS)
+            except Exception:
+                logger.exception("shutdown hook %r failed", hook)
+    finally:
+        _shutdown_hooks_done.set()
+
+
+def _pass_on(previous, signum, frame) -> None:
+    if callable(previous):
+        previous(signum, frame)
+    elif previous == signal.SIG_DFL:
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+
 def install_shutdown_hook() -> None:
-    """Chain onto SIGTERM/SIGINT: end open streams at once, then let the server stop."""
+    """Chain onto SIGTERM/SIGINT: end open streams at once, run the shutdown hooks,
+    then let the server stop (uvicorn exits by re-raising the signal, so anything
+    that must happen before the process dies happens before it is passed on)."""
     if threading.current_thread() is not threading.main_thread():
         return
     loop = asyncio.get_running_loop()
     hub = get_hub()
+    state = {"stopping": False}
+
+    async def stop_then(previous, signum, frame) -> None:
+        try:
+            await run_shutdown_hooks()
+        finally:
+            _pass_on(previous, signum, frame)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(sig)
         if getattr(previous, "ssechat_hook", False):
             continue
 
         def handler(signum, frame, previous=previous):
+            if state["stopping"] or loop.is_closed():
+                _pass_on(previous, signum, frame)  # a second signal: stop now
+                return
+            state["stopping"] = True
             loop.call_soon_threadsafe(hub.begin_shutdown)
-            if callable(previous):
-                previous(signum, frame)
-            elif previous == signal.SIG_DFL:
-                signal.signal(signum, signal.SIG_DFL)
-                signal.raise_signal(signum)
+            loop.call_soon_threadsafe(
+                lambda: spawn(stop_then(previous, signum, frame), name="ssechat-stop")
+            )
 
         handler.ssechat_hook = True  # type: ignore[attr-defined]
         signal.signal(sig, handler)
@@ -140,6 +192,7 @@ class ASGIHandler(DjangoASGIHandler):
                 hub = get_hub()
                 hub.begin_shutdown()
                 try:
+                    await run_shutdown_hooks()
                     await hub.stop()
                 finally:
                     await send({"type": "lifespan.shutdown.complete"})
