@@ -36,7 +36,6 @@ import math
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -385,36 +384,22 @@ async def read_resumed(port: int, path: str, header: str, events: int, timeout=6
     }
 
 
-async def phase_resume(server: ServerProc, target: Target, env, creds, db_path, cfg) -> dict:
+async def phase_resume(server: ServerProc, target: Target, env, creds, cfg) -> dict:
+    """Store N events the client missed (in the server's own format), then resume and time it."""
     n = cfg.resume_events
     cookie = cookie_headers(creds)[0]
-    if target.key == "ssechat":
-        feed = "notifications" if target.notifications else "core"
-        command = [sys.executable, "-m", "bench.setup_db", "resume", "--count", str(n),
-                   "--feed", feed]  # fmt: skip
-        done = await asyncio.to_thread(
-            subprocess.run, command, cwd=ROOT, env=env, capture_output=True, text=True,
-            timeout=600,
-        )  # fmt: skip
-        if done.returncode != 0:
-            return {"error": done.stderr[-2000:]}
-        info = json.loads(done.stdout.strip().splitlines()[-1])
-        last_id = str(info["before"])
-    else:  # django-eventstream: its own publish, ids per channel
-        with sqlite3.connect(db_path) as db:
-            row = db.execute(
-                "SELECT value FROM django_eventstream_eventcounter WHERE name='broadcast'"
-            ).fetchone()
-        before = row[0] if row else 0
-        pool = Pool(server.port, 1)
-        body = target.publish_body(0, 0)
-        started = time.monotonic()
-        status, _ = await pool.post(
-            post_request(f"{target.publish_path}?count={n}", server.port, body), timeout=600
-        )
-        pool.close()
-        info = {"status": status, "seconds": round(time.monotonic() - started, 2)}
-        last_id = f"broadcast:{before}"
+    feed = "eventstream" if target.key == "eventstream" else "core"
+    if target.notifications:
+        feed = "notifications"
+    command = [sys.executable, "-m", "bench.setup_db", "resume", "--count", str(n),
+               "--feed", feed]  # fmt: skip
+    done = await asyncio.to_thread(
+        subprocess.run, command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    if done.returncode != 0:
+        return {"error": done.stderr[-2000:]}
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    last_id = f"broadcast:{info['before']}" if feed == "eventstream" else str(info["before"])
     await asyncio.sleep(1.0)
     result = await read_resumed(
         server.port, target.stream_path, f"{cookie}Last-Event-ID: {last_id}\r\n", n
@@ -598,14 +583,9 @@ def run_target(target: Target, cfg: Config) -> dict:
             if "throughput" in phases:
                 log(f"{target.label}: throughput")
                 out["throughput"] = run(phase_throughput(server, target, headers, request_for, cfg))
-            if (
-                "resume" in phases
-                and target.resume
-                and cfg.resume_events
-                and not (cfg.quick and target.key == "eventstream")
-            ):
+            if "resume" in phases and target.resume and cfg.resume_events:
                 log(f"{target.label}: resume")
-                out["resume"] = run(phase_resume(server, target, env, creds, db_path, cfg))
+                out["resume"] = run(phase_resume(server, target, env, creds, cfg))
             out["server_lost_streams_log"] = server.log(1500) if "Traceback" in server.log() else ""
         finally:
             server.stop()

@@ -89,9 +89,38 @@ def create_users(count: int, tokens: int = 0) -> dict:
     }
 
 
+def store_missed_eventstream(count: int, payload_size: int) -> dict:
+    """django-eventstream: N stored events on ``broadcast``, as its storage writes them."""
+    from django.db import transaction
+    from django_eventstream.models import Event, EventCounter
+
+    started = time.monotonic()
+    pad = "." * payload_size
+    with transaction.atomic():
+        counter = EventCounter.get_or_create("broadcast")
+        before = counter.value
+        rows = [] if before else [Event(channel="broadcast", eid=0)]  # its placeholder
+        rows += [
+            Event(
+                channel="broadcast",
+                type="message",
+                eid=before + 1 + i,
+                data=json.dumps(json.dumps({"m": f"~S{i}:0~{pad}"})),
+            )
+            for i in range(count)
+        ]
+        Event.objects.bulk_create(rows, batch_size=1000)
+        counter.value = before + count
+        counter.save()
+    return {"before": before, "last": before + count, "seconds": time.monotonic() - started}
+
+
 def store_missed(count: int, feed: str, payload_size: int) -> dict:
     from django.contrib.auth import get_user_model
     from django.db import transaction
+
+    if feed == "eventstream":
+        return store_missed_eventstream(count, payload_size)
 
     from ssechat.streams.log import latest_id, publish
 

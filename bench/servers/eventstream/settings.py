@@ -25,7 +25,12 @@ DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": os.environ.get("BENCH_DB", os.path.join(tempfile.gettempdir(), "bench-es.db")),
-        "OPTIONS": {"timeout": 20},
+        # The same SQLite settings as ssechat's (WAL, writers queue), for a fair comparison.
+        "OPTIONS": {
+            "timeout": 20,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        },
     }
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -34,4 +39,9 @@ ASGI_APPLICATION = "bench.servers.eventstream.asgi.application"
 # Persisted events (reliable delivery and Last-Event-ID resume), per the README.
 EVENTSTREAM_STORAGE_CLASS = "django_eventstream.storage.DjangoModelStorage"
 EVENTSTREAM_CHANNELMANAGER_CLASS = "bench.servers.eventstream.channels.LoggedInChannelManager"
-LOGGING = {"version": 1, "disable_existing_loggers": False, "root": {"level": "WARNING"}}
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+}
