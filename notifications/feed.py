@@ -125,11 +125,18 @@ async def feed_frames(
                 created = _created(item)
                 if created is not None and created < joined:
                     continue  # sent before this user joined (a re-send): not theirs
-            if topics is None or item.payload().get("topic") in topics:
-                yield item if fmt == "json" else html_frame(item)
+            wanted = topics is None or item.payload().get("topic") in topics
+            frame = (item.frame if fmt == "json" else html_frame(item)) if wanted else b""
             if count is not None:
                 count += 1
-                yield _unread(count, item.id)
+                # One write for both frames; most receivers share a count, so memoise it.
+                key = ("unread", count)
+                unread = item.cache.get(key)
+                if unread is None:
+                    unread = item.cache[key] = _unread(count, item.id)
+                frame += unread
+            if frame:
+                yield frame
         elif kind in ("unread", "recount") and count is not None:
             # Read state changed (this user's, or everyone's by the admin): count again.
             count = await run_db(count_for, user_id, joined, item.id)
