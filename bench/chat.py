@@ -219,70 +219,17 @@ async def drive(port: int, tokens: list[str], timeout: float) -> list[Answer]:
     return answers
 
 
-def run_chat(cfg, log, target=None) -> dict:
-    """The chat figure (called by ``python -m bench``)."""
-    from . import run as bench
-
-    if not (ROOT / "chat" / "api.py").exists():
-        return {"skipped": "the chat API is not in the project yet"}
-    if target is None:
-        target = next(t for t in bench.make_targets(cfg.ssechat_feed) if t.key == "ssechat")
-    answers_n = cfg.chat_answers or (30 if cfg.quick else 100)
-    tokens_n = 1000 if cfg.quick else 2000
-    rate = 1000.0
-    backend = cfg.chat_backend
-    up_port = free_port()
-    upstream = subprocess.Popen(
-        [sys.executable, "-m", "bench.chat", "upstream", "--port", str(up_port),
-         "--tokens", str(tokens_n), "--rate", str(rate)],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    server = None
-    try:
-        upstream.stdout.readline()
-        db_path = cfg.workdir / "chat.sqlite3"
-        env = target.server_env(bench.base_env(), str(db_path))
-        env.update(
-            SSECHAT_LLM_BACKEND=backend, SSECHAT_LLM_URL=f"http://127.0.0.1:{up_port}",
-            SSECHAT_LLM_MODEL="fake-model",
-        )  # fmt: skip
-        log(f"chat: {answers_n} answers of {tokens_n} tokens at {rate:.0f} tokens/s ({backend})")
-        creds = bench.setup_db(
-            target, env, answers_n + 1, cfg.workdir / "chat-creds.json", answers_n + 1
-        )
-        server = bench.start_server(target, env, "ssechat-chat", cfg)
-        # One answer first (lazy imports, the upstream client, caches), not measured.
-        bench.run(drive(server.port, creds["user_tokens"][-1:], timeout=60))
-        before = _count_events(env, 0)
-        cpu0 = server.cpu_seconds()
-        started = time.monotonic()
-        with bench.Profiler(server.pid, "ssechat-chat", cfg.profile):
-            answers = bench.run(drive(server.port, creds["user_tokens"][:-1], timeout=120))
-            seconds = time.monotonic() - started
-            cpu = server.cpu_seconds() - cpu0
-        events = _count_events(env, 0)
-    finally:
-        if server is not None:
-            server.stop()
-        with contextlib.suppress(Exception):
-            upstream.stdin.close()
-        try:
-            upstream.wait(10)
-        except subprocess.TimeoutExpired:
-            upstream.kill()
+def summarize(answers: list[Answer], seconds: float, cpu: float, stored_deltas: int) -> dict:
     ms = sorted(x / 1e6 for a in answers for x in a.latencies)
     complete = [a for a in answers if a.done and a.done.get("status") == "complete"]
     tokens = sum(a.tokens for a in answers)
     deltas = [a.deltas for a in answers if a.done]
-    stored_deltas = events.get("delta", 0) - before.get("delta", 0)
-    result = {
-        "answers": answers_n,
+    durations = sorted((a.done_at - a.posted_at) / 1e9 for a in complete)
+    return {
+        "answers": len(answers),
         "complete": len(complete),
         "errors": sorted({a.error for a in answers if a.error})[:5],
         "statuses": sorted({str(a.done.get("status")) for a in answers if a.done}),
-        "backend": backend,
-        "tokens_per_second": rate,
-        "tokens_per_answer": tokens_n,
         "tokens_received": tokens,
         "stamps": len(ms),
         "added_p50_ms": round(percentile(ms, 50), 1) if ms else None,
@@ -293,19 +240,83 @@ def run_chat(cfg, log, target=None) -> dict:
         "stored_delta_events": stored_deltas,
         "seconds": round(seconds, 2),
         "cpu_seconds": round(cpu, 2),
+        "server_cpu_pct": round(cpu / seconds * 100, 1) if seconds else None,
         "cpu_ms_per_1000_tokens": round(cpu / tokens * 1e6, 1) if tokens else None,
-        "answer_seconds_p50": round(
-            percentile(sorted((a.done_at - a.posted_at) / 1e9 for a in complete), 50), 2
-        )
-        if complete
-        else None,
+        "answer_seconds_p50": round(percentile(durations, 50), 2) if durations else None,
     }
-    log(
-        f"  chat: {result['complete']}/{answers_n} complete, added p50/p99 "
-        f"{result['added_p50_ms']}/{result['added_p99_ms']} ms, {result['writes_per_answer']}"
-        f" writes/answer, {result['cpu_ms_per_1000_tokens']} ms CPU/1,000 tokens"
-    )
-    return result
+
+
+def run_chat(cfg, log, target=None) -> dict:
+    """The chat figures (called by ``python -m bench``): one step per number of answers."""
+    from . import run as bench
+
+    if not (ROOT / "chat" / "api.py").exists():
+        return {"skipped": "the chat API is not in the project yet"}
+    if target is None:
+        target = next(t for t in bench.make_targets(cfg.ssechat_feed) if t.key == "ssechat")
+    steps = (cfg.chat_answers,) if cfg.chat_answers else ((10, 30) if cfg.quick else (10, 100))
+    tokens_n = 1000 if cfg.quick else 2000
+    rate = 1000.0
+    backend = cfg.chat_backend
+    up_port = free_port()
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "bench.chat", "upstream", "--port", str(up_port),
+         "--tokens", str(tokens_n), "--rate", str(rate)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    server = None
+    results = []
+    try:
+        upstream.stdout.readline()
+        db_path = cfg.workdir / "chat.sqlite3"
+        env = target.server_env(bench.base_env(), str(db_path))
+        env.update(
+            SSECHAT_LLM_BACKEND=backend, SSECHAT_LLM_URL=f"http://127.0.0.1:{up_port}",
+            SSECHAT_LLM_MODEL="fake-model",
+        )  # fmt: skip
+        users = max(steps) + 1
+        creds = bench.setup_db(target, env, users, cfg.workdir / "chat-creds.json", users)
+        tokens = creds["user_tokens"]
+        server = bench.start_server(target, env, "ssechat-chat", cfg)
+        # One answer first (lazy imports, the upstream client, caches), not measured.
+        bench.run(drive(server.port, tokens[-1:], timeout=60))
+        for n in steps:
+            log(f"chat: {n} answers of {tokens_n} tokens at {rate:.0f} tokens/s each ({backend})")
+            before = _count_events(env, 0).get("delta", 0)
+            cpu0 = server.cpu_seconds()
+            started = time.monotonic()
+            profiled = cfg.profile and n == steps[-1]
+            with bench.Profiler(server.pid, "ssechat-chat", profiled):
+                answers = bench.run(drive(server.port, tokens[:n], timeout=180))
+                seconds = time.monotonic() - started
+                cpu = server.cpu_seconds() - cpu0
+            stored = _count_events(env, 0).get("delta", 0) - before
+            result = summarize(answers, seconds, cpu, stored)
+            results.append(result)
+            log(
+                f"  chat: {result['complete']}/{n} complete, added p50/p99 "
+                f"{result['added_p50_ms']}/{result['added_p99_ms']} ms,"
+                f" {result['writes_per_answer']} writes/answer,"
+                f" {result['cpu_ms_per_1000_tokens']} ms CPU/1,000 tokens,"
+                f" server CPU {result['server_cpu_pct']}%"
+            )
+            time.sleep(1.0)
+    finally:
+        if server is not None:
+            server.stop()
+        with contextlib.suppress(Exception):
+            upstream.stdin.close()
+        try:
+            upstream.wait(10)
+        except subprocess.TimeoutExpired:
+            upstream.kill()
+    return {
+        "backend": backend,
+        "tokens_per_second": rate,
+        "tokens_per_answer": tokens_n,
+        "steps": results,
+        **results[-1],
+    }
 
 
 def _count_events(env: dict, after: int) -> dict:

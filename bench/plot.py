@@ -61,8 +61,8 @@ def make_plot(path: Path | None = None, out: Path = OUT) -> Path:
     mem.set_ylim(bottom=0)
     for ax in (lat, mem):
         ax.grid(True, which="both", alpha=0.3)
-    lat.legend(fontsize=7)
-    mem.legend(fontsize=7)
+    lat.legend(fontsize=7, loc="upper left")
+    mem.legend(fontsize=7, loc="center right")
     fig.suptitle(f"one uvicorn worker on one core; {results.get('mode')} run {results.get('date')}",
                  fontsize=9)  # fmt: skip
     fig.tight_layout()

@@ -168,14 +168,15 @@ def _extras(results: dict) -> list[str]:
         out.append(f"PostgreSQL: {pg['error']}")
     chat = results.get("chat")
     if chat and "error" not in chat and "skipped" not in chat:
-        out.append(
-            f"chat: {chat['answers']} answers at {chat['tokens_per_second']} tokens/s: added "
-            f"latency p50/p99 {chat['added_p50_ms']}/{chat['added_p99_ms']} ms"
-            " (target p99 <=60 ms),"
-            f" {chat['writes_per_answer']} event writes per answer"
-            f" ({chat['tokens_per_answer']} tokens), CPU {chat['cpu_ms_per_1000_tokens']} ms/1,000"
-            " tokens"
-        )
+        for step in chat.get("steps") or [chat]:
+            out.append(
+                f"chat: {step['answers']} answers at {chat['tokens_per_second']:.0f} tokens/s each:"
+                f" added latency p50/p99 {step['added_p50_ms']}/{step['added_p99_ms']} ms"
+                " (target p99 <=60 ms at 100),"
+                f" {step['writes_per_answer']} event writes per answer"
+                f" ({chat['tokens_per_answer']} tokens), CPU {step['cpu_ms_per_1000_tokens']} ms"
+                f" per 1,000 tokens, server CPU {step.get('server_cpu_pct')}%"
+            )
     elif chat:
         out.append(f"chat: {chat.get('error') or chat.get('skipped')}")
     return out

@@ -94,7 +94,8 @@ def make_targets(ssechat_feed: str = "auto", ssechat_log_level: str = "INFO") ->
     return [
         Target("bare", "bare ASGI broadcaster", "bench.servers.bare:app", None, "/stream",
                "/publish", lifespan="on", probe="/nothing"),
-        Target("django", "plain Django async view", "bench.servers.plain_django.asgi:application",
+        Target("django", "plain Django async view (no auth)",
+               "bench.servers.plain_django.asgi:application",
                "bench.servers.plain_django.settings", "/stream", "/publish", probe="/nothing"),
         Target("django-mw", "plain Django + default middleware",
                "bench.servers.plain_django.asgi:application",
