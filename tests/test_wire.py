@@ -33,7 +33,7 @@ def normalize_newlines(text: str) -> str:
     return re.sub(r"\r\n|\r", "\n", text)
 
 
-@settings(max_examples=500)
+@settings(max_examples=300, deadline=None)
 @given(payload=st.text(), event=names, event_id=ids)
 def test_any_text_arrives_as_one_event(payload, event, event_id):
     parsed = parse(encode_event(payload, event=event, id=event_id))
@@ -45,7 +45,7 @@ def test_any_text_arrives_as_one_event(payload, event, event_id):
     assert got.data == normalize_newlines(payload)
 
 
-@settings(max_examples=500)
+@settings(max_examples=300, deadline=None)
 @given(payload=json_values, event=names, event_id=ids)
 def test_json_payloads_arrive_exactly(payload, event, event_id):
     parsed = parse(encode_json_event(payload, event=event, id=event_id))
