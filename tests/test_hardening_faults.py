@@ -404,7 +404,7 @@ async def test_a_client_that_stops_reading(start_server):
     channel = unique("stall")
     path = f"/test/channels/{channel}/stream/"
     pid = server.stats()["stats"]["pid"]
-    size, phases, per_phase = 4000, 5, 600
+    size, phases, per_phase = 4000, 6, 500
     readers = await open_many(server.port, [path] * 3)
     frames = [Frames() for _ in readers]
     published = 0
@@ -435,12 +435,12 @@ async def test_a_client_that_stops_reading(start_server):
     for _ in range(phases):
         lags.append(await publish_and_wait(per_phase))
         rss.append(rss_kib(pid))
-    # Bounded: once its buffers are full, 7 MB more that it could not send do not make
+    # Bounded: once its buffers are full, 8 MB more that it could not send do not make
     # the server bigger (an unbounded queue would add them twice: text and frame). The
     # broker's reads make short peaks, so the last two samples count, not the highest.
     growth_mib = (min(rss[-2:]) - rss[1]) / 1024
     unread_mib = (phases - 2) * per_phase * size / 2**20
-    assert growth_mib < unread_mib / 4, (growth_mib, unread_mib, rss)
+    assert growth_mib < unread_mib / 3, (growth_mib, unread_mib, rss)
 
     # It reads again: every event it missed arrives, once, in order (caught up from the log).
     caught = Frames()
@@ -459,7 +459,7 @@ async def test_a_client_that_stops_reading(start_server):
         "stalled_reader",
         readers=len(readers), stalled=1, events=published, event_bytes=size,
         unread_mib=round(phases * per_phase * size / 2**20, 1),
-        rss_mib=[round(r / 1024, 1) for r in rss], rss_growth_mib_last_7mb=round(growth_mib, 1),
+        rss_mib=[round(r / 1024, 1) for r in rss], rss_growth_mib_last_8mb=round(growth_mib, 1),
         reader_lag_s_alone=round(lag_alone, 2), reader_lag_s_stalled=round(max(lags), 2),
         losses=len(set(range(first_id, published)) - set(values)),
         repeats=len(values) - len(set(values)),

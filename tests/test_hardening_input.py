@@ -243,20 +243,68 @@ CONTENT_TYPES = st.sampled_from(
 )  # fmt: skip
 
 
-def bodies(endpoint: Endpoint) -> st.SearchStrategy[tuple[bytes, str | None]]:
+def valid_body(name: str, world: World) -> dict | None:
+    """A body the endpoint accepts: the fuzzer's mutants start from it."""
+    return {
+        "chat.conversations.create": {"title": "t"},
+        "chat.conversation.update": {"title": "t"},
+        "chat.messages.create": {"content": "[demo:echo] hi"},
+        "notifications.create": {
+            "recipient": world.username, "topic": "general", "level": "info", "title": "t",
+            "body": "b", "url": "/chat/", "data": {"k": 1},
+        },
+        "openai.chat.completions": {
+            "model": "m", "stream": False, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "[demo:echo] hi"}],
+        },
+    }.get(name)  # fmt: skip
+
+
+def mutants(valid: dict, text: st.SearchStrategy[str]) -> st.SearchStrategy[dict]:
+    """The valid body with one thing wrong: a value of another type, a field missing, an
+    unknown field (or, now and then, nothing wrong: the happy path is fuzzed too)."""
+    values = json_values(text)
+    keys = sorted(valid)
+
+    def replace(key, value):
+        return {**valid, key: value}
+
+    def drop(key):
+        return {k: v for k, v in valid.items() if k != key}
+
+    def add(key, value):
+        return {**valid, key: value}
+
+    def message(part, value):  # inside messages[0] of the OpenAI body
+        first = {**valid["messages"][0], part: value}
+        return {**valid, "messages": [first]}
+
+    options = [
+        st.builds(replace, st.sampled_from(keys), values),
+        st.builds(drop, st.sampled_from(keys)),
+        st.builds(add, text, values),
+        st.just(valid),
+    ]
+    if "messages" in valid:
+        options.append(st.builds(message, st.sampled_from(["role", "content", "name"]), values))
+    return st.one_of(options)
+
+
+def bodies(endpoint: Endpoint, valid: dict | None) -> st.SearchStrategy[tuple[bytes, str | None]]:
     text = STORABLE_TEXT if endpoint.who == "sender" else ANY_TEXT
 
     def as_json(value) -> bytes:
         return json.dumps(value, ensure_ascii=True, allow_nan=True).encode()
 
-    raw = st.one_of(
+    options = [
         json_values(text).map(as_json),  # any JSON value: arrays, strings, numbers...
         shaped(endpoint, text).map(as_json),
-        shaped(endpoint, text).map(as_json),  # twice as likely: it reaches deeper
         st.binary(max_size=200),
         st.builds(nested, st.integers(20, 2000), st.sampled_from(["list", "object"])),
-    )
-    return st.tuples(raw, CONTENT_TYPES)
+    ]
+    if valid is not None:  # twice as likely: they get past the first checks
+        options += [mutants(valid, text).map(as_json)] * 2
+    return st.tuples(st.one_of(options), CONTENT_TYPES)
 
 
 def check_json_answer(endpoint: str, response: httpx.Response) -> None:
@@ -280,7 +328,7 @@ def test_json_endpoints_fuzzed(world, name):
     with world.client(endpoint.who) as http:
 
         @FUZZ
-        @given(body=bodies(endpoint))
+        @given(body=bodies(endpoint, valid_body(name, world)))
         def fuzz(body):
             content, content_type = body
             headers = {"Content-Type": content_type} if content_type else {}
