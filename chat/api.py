@@ -8,6 +8,7 @@ create rows, publish their snapshots and start the task once committed.
 from __future__ import annotations
 
 from asgiref.sync import sync_to_async
+from django.core.exceptions import RequestDataTooBig
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import reverse
@@ -39,7 +40,14 @@ def stream_url(message_id: int) -> str:
 
 
 def _optional_body(request: HttpRequest) -> dict:
-    return parse_json_body(request) if request.body.strip() else {}
+    length = request.META.get("CONTENT_LENGTH") or ""
+    if length in ("", "0") and not request.META.get("HTTP_TRANSFER_ENCODING"):
+        return {}
+    try:
+        empty = not request.body.strip()
+    except RequestDataTooBig:
+        raise ApiError(413, "The request body is too large.") from None
+    return {} if empty else parse_json_body(request)
 
 
 def _title(body: dict, *, required: bool) -> str:

@@ -54,7 +54,7 @@ def _reload(pk: int) -> Message | None:
 
 
 def _as_int(value: str | None) -> int | None:
-    if value is None or not value.isdigit() or len(value) > 18:
+    if value is None or not (value.isascii() and value.isdigit()) or len(value) > 18:
         return None
     return int(value)
 

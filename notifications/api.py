@@ -102,7 +102,7 @@ async def create(request: HttpRequest) -> JsonResponse:
     name = body["recipient"]
     recipient = None
     if name is not None:
-        if not isinstance(name, str) or not name.strip():
+        if not isinstance(name, str) or not name.strip() or not services.storable(name):
             raise invalid("recipient", "recipient must be a username, or null for a broadcast.")
         User = get_user_model()
         recipient = await User._default_manager.filter(

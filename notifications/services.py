@@ -64,6 +64,32 @@ class InvalidNotification(ValueError):
         self.message = message
 
 
+def storable(value: str) -> bool:
+    """False for text no database here can store: NUL, or a lone surrogate."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _storable_json(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not storable(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
 def clean_fields(
     *,
     title: Any,
@@ -81,6 +107,8 @@ def clean_fields(
     title = title.strip()
     if not title:
         raise InvalidNotification("title", "is required and must not be blank.")
+    if not storable(title):
+        raise InvalidNotification("title", "must not contain NUL or unpaired surrogates.")
     if len(title) > TITLE_MAX_CHARS:
         raise InvalidNotification("title", f"must be at most {TITLE_MAX_CHARS} characters.")
 
@@ -88,6 +116,8 @@ def clean_fields(
         body = ""
     if not isinstance(body, str):
         raise InvalidNotification("body", "must be a string.")
+    if not storable(body):
+        raise InvalidNotification("body", "must not contain NUL or unpaired surrogates.")
     limit = settings.SSECHAT_NOTIFICATION_MAX_BODY_CHARS
     if len(body) > limit:
         raise InvalidNotification(
@@ -114,8 +144,8 @@ def clean_fields(
 
     if url is None:
         url = ""
-    if not isinstance(url, str):
-        raise InvalidNotification("url", "must be a string.")
+    if not isinstance(url, str) or not storable(url):
+        raise InvalidNotification("url", "must be a string without NUL or unpaired surrogates.")
     url = url.strip()
     if len(url) > URL_MAX_CHARS:
         raise InvalidNotification("url", f"must be at most {URL_MAX_CHARS} characters.")
@@ -128,6 +158,8 @@ def clean_fields(
         data = {}
     if not isinstance(data, dict):
         raise InvalidNotification("data", "must be a JSON object.")
+    if not _storable_json(data):
+        raise InvalidNotification("data", "must not contain NUL or unpaired surrogates.")
     try:
         text = json.dumps(data, allow_nan=False, default=_no_json)
     except (TypeError, ValueError) as exc:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 ERROR_CODES = {
@@ -78,7 +79,10 @@ def parse_json_body(request: HttpRequest, *, max_bytes: int | None = None) -> di
     content_type = request.content_type or ""
     if content_type and content_type not in ("application/json", "text/plain"):
         raise ApiError(415, "Send the body as application/json.")
-    raw = request.body
+    try:
+        raw = request.body
+    except RequestDataTooBig:  # sent without Content-Length (chunked)
+        raise ApiError(413, f"The request body is larger than {limit} bytes.") from None
     if len(raw) > limit:
         raise ApiError(413, f"The request body is larger than {limit} bytes.")
     if not raw.strip():
@@ -150,3 +154,68 @@ def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
     from django.views.csrf import csrf_failure as django_csrf_failure
 
     return django_csrf_failure(request, reason)
+
+
+def _wants_json(request: HttpRequest) -> bool:
+    return request.path.startswith(("/api/", "/v1/"))
+
+
+def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    if _wants_json(request):
+        return json_error(400, "bad_request", "The request was refused as malformed.")
+    from django.views.defaults import bad_request as django_bad_request
+
+    return django_bad_request(request, exception)
+
+
+def page_not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    if _wants_json(request):
+        return json_error(404, "not_found", "No such URL.")
+    from django.views.defaults import page_not_found as django_page_not_found
+
+    return django_page_not_found(request, exception)
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    """500, or 503 when the database is what failed; JSON on API URLs."""
+    import sys
+
+    from django.db import DatabaseError
+
+    failed = sys.exc_info()[1]
+    if isinstance(failed, DatabaseError):
+        if _wants_json(request):
+            return json_error(503, "unavailable", "The database is unavailable; retry.")
+        return HttpResponse("Service unavailable: the database is unreachable.", status=503)
+    if _wants_json(request):
+        return json_error(500, "server_error", "Something went wrong on our side.")
+    from django.views.defaults import server_error as django_server_error
+
+    return django_server_error(request)
+
+
+class ApiExceptionMiddleware:
+    """A view that fails on its database answers 503 JSON on API URLs (a retry may work).
+
+    Only ``process_exception``: nothing runs on the normal path.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response):
+        from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_exception(self, request: HttpRequest, exception: Exception):
+        from django.db import DatabaseError
+
+        if isinstance(exception, DatabaseError) and _wants_json(request):
+            return json_error(503, "unavailable", "The database is unavailable; retry.")
+        return None

@@ -18,3 +18,7 @@ urlpatterns = [
     path("", include("notifications.urls")),
     path("", include("chat.openai_urls")),
 ]
+
+handler400 = "ssechat.api.bad_request"
+handler404 = "ssechat.api.page_not_found"
+handler500 = "ssechat.api.server_error"

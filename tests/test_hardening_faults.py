@@ -331,11 +331,6 @@ LOCKED_REQUESTS = {
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a request whose database connection dies mid-request answers Django's 500 "
-    "HTML page, not a JSON 503 (contract: 503 when a dependency is down)",
-)
 @pytest.mark.parametrize("case", sorted(LOCKED_REQUESTS))
 def test_request_losing_its_connection_gets_503(live_server, own_backends, make_user, case):
     """The request is made to wait on a table lock, and its connection is terminated

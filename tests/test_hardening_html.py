@@ -369,12 +369,6 @@ def test_script_built_pages_keep_hostile_text_as_text(live_server, browser_conte
 
 
 @pytest.mark.browser
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: static/js/notifications.js icon() builds a CSS selector from the level "
-    "('[data-level=\"' + level + '\"]'): a stored level outside the choices (a quote in it) "
-    "makes querySelector throw and the notification is missing from the page",
-)
 def test_unknown_level_is_still_listed(live_server, browser_context):
     from playwright.sync_api import expect
 

@@ -397,11 +397,6 @@ def test_json_endpoints_hard_cases(world, name):
             assert response.status_code == status, (case, response.status_code, response.text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a body over DATA_UPLOAD_MAX_MEMORY_SIZE sent without Content-Length "
-    "(chunked) gets Django's 400 HTML page: parse_json_body lets RequestDataTooBig escape",
-)
 @pytest.mark.parametrize(
     "name", sorted(name for name, endpoint in ENDPOINTS.items() if endpoint.parses_body)
 )
@@ -410,11 +405,6 @@ def test_json_endpoints_too_large_chunked(world, name):
     assert response.status_code == 413
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: POST /api/chat/conversations/ reads request.body before the size check "
-    "(chat.api._optional_body): a body over the limit gets a 400 HTML page, not 413 JSON",
-)
 def test_create_conversation_too_large(world):
     response = _send_hard_case(world, "chat.conversations.create", "too large")
     assert response.status_code == 413
@@ -437,12 +427,6 @@ UNSTORABLE = [
 ]  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: notifications.services.clean_fields accepts lone surrogates (all databases) "
-    "and NUL (PostgreSQL text and jsonb cannot hold it) in title, body, url, recipient and "
-    "data: the insert fails and POST /api/notifications/ answers a 500 HTML page",
-)
 def test_notification_text_the_database_cannot_store_is_400(world):
     """What no database can store is refused with a 400 naming the field (as the chat
     does), never a 500."""
@@ -533,12 +517,6 @@ def test_streams_with_bad_resume_ids(world):
            requests=sum(seen.values()), statuses=seen, server_errors=0)  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: chat/streams.py _as_int() takes Unicode digits (str.isdigit) for an event "
-    "id: a message stream resumed from '\u0661\u0662' answers 204 as if after `done`, "
-    "instead of a reset",
-)
 def test_non_ascii_digits_are_a_malformed_resume_id(world):
     from urllib.parse import quote
 
@@ -558,12 +536,6 @@ def test_streams_ignore_unknown_parameters(world):
             assert response.status_code == 200, (stream, response.text[:200])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a stream request with more query parameters than "
-    "DATA_UPLOAD_MAX_NUMBER_FIELDS answers 500 (the lean lane in ssechat/streams/fastlane.py "
-    "turns Django's TooManyFieldsSent into a 500, not a 400)",
-)
 def test_streams_with_too_many_parameters(world):
     query = "?" + "&".join(f"k{n}=v" for n in range(1500))
     with world.client() as http:
@@ -573,11 +545,6 @@ def test_streams_with_too_many_parameters(world):
             assert response.json()["error"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: requests Django itself refuses under /api/ (an unknown URL, too many query "
-    "parameters) get Django's HTML error pages, not the contract's JSON errors",
-)
 def test_api_urls_answer_json_errors(world):
     with world.client() as http:
         for path in (

@@ -15,6 +15,7 @@ from ssechat.api import api_view
 from ssechat.streams.log import publish
 from ssechat.streams.response import EventStreamResponse, event_stream_view
 from ssechat.streams.stream import EventStream, resume_id
+from ssechat.urls import handler400, handler404, handler500  # noqa: F401 - the project's
 from ssechat.urls import urlpatterns as project_urlpatterns
 
 

@@ -26,7 +26,8 @@ import sys
 
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
-from django.core.exceptions import DisallowedHost, RequestDataTooBig
+from django.core.exceptions import DisallowedHost, RequestDataTooBig, SuspiciousOperation
+from django.db import DatabaseError
 from django.http import HttpResponse
 from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.common import CommonMiddleware
@@ -92,6 +93,12 @@ class FastLane:
             return request, self.finish(request, denied)
         try:
             response = await match.func(request, *match.args, **match.kwargs)
+        except (SuspiciousOperation, RequestDataTooBig) as exc:
+            # e.g. more query parameters than DATA_UPLOAD_MAX_NUMBER_FIELDS
+            response = json_error(400, "bad_request", f"The request was refused: {exc}")
+        except DatabaseError:
+            logger.warning("database unavailable for %s", request.path, exc_info=True)
+            response = json_error(503, "unavailable", "The database is unavailable; retry.")
         except Exception:
             logger.error(
                 "Internal Server Error: %s", request.path, exc_info=sys.exc_info(),

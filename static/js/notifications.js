@@ -41,10 +41,11 @@
   var STATE_TEXT = { connecting: "Connecting…", live: "Live", reconnecting: "Reconnecting…" };
 
   // -- rendering ------------------------------------------------------------------------
+  var LEVELS = ["info", "success", "warning", "error"];
   function icon(level) {
-    var holder =
-      els.icons.content.querySelector('[data-level="' + level + '"]') ||
-      els.icons.content.querySelector('[data-level="info"]');
+    // Only known levels reach the selector: stored data must never build a query.
+    var known = LEVELS.indexOf(level) >= 0 ? level : "info";
+    var holder = els.icons.content.querySelector('[data-level="' + known + '"]');
     return holder.firstElementChild.cloneNode(true);
   }
 
