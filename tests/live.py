@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,9 +20,17 @@ TEST_SECRET_KEY = "test-secret-key-only-for-the-test-suite"
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the kernel's ephemeral range (32768+), so that no outgoing
+    connection (tests open thousands) can take it between this check and the bind."""
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found")
 
 
 def database_url() -> str:
@@ -74,6 +83,12 @@ class LiveServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if "address already in use" in self.log() and not getattr(self, "_moved", 0) > 3:
+                    # Another process took the port meanwhile: try another one.
+                    self._moved = getattr(self, "_moved", 0) + 1
+                    self._log.close()
+                    self._move_to(free_port())
+                    return self.start(timeout)
                 raise RuntimeError(f"server exited early:\n{self.log()}")
             try:
                 if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
@@ -83,6 +98,12 @@ class LiveServer:
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"server did not become healthy:\n{self.log()}")
+
+    def _move_to(self, port: int) -> None:
+        old = str(self.port)
+        self.command = [part.replace(old, str(port)) for part in self.command]
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
+        self.log_path = self.log_path.with_name(f"{self.log_path.stem}-{port}.log")
 
     def log(self) -> str:
         try:
