@@ -118,10 +118,35 @@ class Config:
 
 
 LOOP = new_loop()
+_stopping = False
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: stop the servers, write what was measured, exit."""
+
+
+def _on_signal(signum, frame) -> None:
+    global _stopping
+    _stopping = True
+    if LOOP.is_running():
+        LOOP.call_soon_threadsafe(_cancel_all)
+
+
+def _cancel_all() -> None:
+    for task in asyncio.all_tasks(LOOP):
+        task.cancel()
 
 
 def run(coro):
-    return LOOP.run_until_complete(coro)
+    if _stopping:
+        coro.close()
+        raise Interrupted
+    try:
+        return LOOP.run_until_complete(coro)
+    except asyncio.CancelledError:
+        if _stopping:
+            raise Interrupted from None
+        raise
 
 
 def log(message: str) -> None:
@@ -714,6 +739,8 @@ def parse_args(argv: list[str] | None) -> Config:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     pin(LOAD_CPU)
     raise_nofile()
     RESULTS.mkdir(exist_ok=True)
@@ -762,6 +789,8 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as exc:
                 log(f"chat failed: {exc!r}")
                 results["chat"] = {"error": repr(exc)}
+    except Interrupted:
+        log("interrupted: servers stopped; writing what was measured")
     finally:
         results["seconds"] = round(time.monotonic() - started, 1)
         results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
