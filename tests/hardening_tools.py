@@ -7,7 +7,7 @@
 - ``Frames``: a fast frame splitter for streams that carry megabytes (the spec parser in
   tests/sse.py reads character by character; our server ends lines with LF only).
 - ``start_servers``: several uvicorn servers on the test database, started side by side.
-- PostgreSQL: ``own_backend_pids``, ``other_backends``, ``terminate_backends``.
+- PostgreSQL: ``other_backends``, ``terminate_backends`` (sparing the test process's own).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -220,36 +220,44 @@ def ensure_permissions() -> None:
 # -- PostgreSQL ------------------------------------------------------------------------
 
 
-def backend_pid() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        return cursor.fetchone()[0]
+def own_client_ports() -> list[int]:
+    """Local ports of this (test) process's connections to the database server.
+
+    They are spared when connections are terminated: pytest-django flushes through them,
+    and Django keeps one per thread and per context (Playwright's greenlets too), so a
+    backend pid noted at one moment does not cover them all. (TCP connections only.)
+    """
+    import psutil
+
+    port = int(connection.settings_dict.get("PORT") or 5432)
+    return sorted(
+        c.laddr.port
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == port
+    )
 
 
-@pytest.fixture
-def own_backends(transactional_db) -> set[int]:
-    """The PostgreSQL backend of the test's main thread (empty on SQLite): a test that
-    terminates connections must spare it (pytest-django flushes the database through it)."""
-    return {backend_pid()} if connection.vendor == "postgresql" else set()
+_NOT_OURS = (
+    "datname = current_database() AND pid <> pg_backend_pid()"
+    " AND NOT (coalesce(client_port, -1) = ANY(%s))"
+)
 
 
-def other_backends(own: Iterable[int]) -> int:
+def other_backends() -> int:
     """Connections to the test database that are not the test process's own."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND NOT (pid = ANY(%s))",
-            [list(own)],
+            f"SELECT count(*) FROM pg_stat_activity WHERE {_NOT_OURS}",  # noqa: S608
+            [own_client_ports()],
         )
         return cursor.fetchone()[0]
 
 
-def terminate_backends(own: Iterable[int]) -> int:
+def terminate_backends() -> int:
     """End every connection to the test database except the test process's own."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND NOT (pid = ANY(%s))",
-            [list(own)],
+            f"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE {_NOT_OURS}",  # noqa: S608
+            [own_client_ports()],
         )
         return cursor.fetchone()[0]
