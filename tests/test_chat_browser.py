@@ -455,7 +455,9 @@ def test_second_tab_follows_the_answer(slow_server, browser_context, alice):
     other.goto(f"{slow_server.url}/chat/{conv}/")
     expect(answers(other)).to_have_count(1)
 
-    text = sentence(30)
+    # Long enough to stream for several seconds, so the follower is seen mid-answer
+    # even when a busy machine makes each look at the page slow.
+    text = sentence(70)
     page.bring_to_front()
     send(page, "[demo:echo] " + text)
     follower = answers(other).last
