@@ -254,7 +254,7 @@ def run_chat(cfg, log, target=None) -> dict:
         return {"skipped": "the chat API is not in the project yet"}
     if target is None:
         target = next(t for t in bench.make_targets(cfg.ssechat_feed) if t.key == "ssechat")
-    steps = (cfg.chat_answers,) if cfg.chat_answers else ((10, 30) if cfg.quick else (10, 100))
+    steps = (cfg.chat_answers,) if cfg.chat_answers else ((30,) if cfg.quick else (10, 100))
     tokens_n = 1000 if cfg.quick else 2000
     rate = 1000.0
     backend = cfg.chat_backend

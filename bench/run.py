@@ -107,13 +107,13 @@ class Config:
     def quick_config(cls) -> Config:
         return cls(
             quick=True,
-            connect_steps=(500, 1000, 2000),
-            fanout_steps=((100, 4.0), (1000, 6.0)),
+            connect_steps=(250, 500, 1000),
+            fanout_steps=((100, 3.0), (1000, 5.0)),
             drain_seconds=3.0,
-            throughput_seconds=4.0,
+            throughput_seconds=3.0,
             resume_events=10_000,
             idle_streams=0,
-            users=500,
+            users=300,
         )
 
 
