@@ -207,16 +207,6 @@ async def settle(
         await asyncio.sleep(0.2)
 
 
-def ensure_permissions() -> None:
-    """Content types and permissions of every app, as a flush leaves them (the freshly made
-    test database may lack some until the first transactional test has flushed it)."""
-    from django.apps import apps
-    from django.contrib.auth.management import create_permissions
-
-    for app_config in apps.get_app_configs():
-        create_permissions(app_config, verbosity=0)
-
-
 # -- PostgreSQL ------------------------------------------------------------------------
 
 

@@ -32,7 +32,7 @@ from notifications.models import Notification
 from ssechat.accounts.models import ApiToken
 
 from .conftest import session_cookies
-from .hardening_tools import ensure_permissions, record
+from .hardening_tools import record
 from .live import ROOT, server_env
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -54,7 +54,6 @@ class World:
     tokens, a revoked token, and the owner's conversation, answer and notification."""
 
     def __init__(self) -> None:
-        ensure_permissions()
         User = get_user_model()
         self.owner = User.objects.create_user("owner", password="x")
         self.other = User.objects.create_user("other", password="x")

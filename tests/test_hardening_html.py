@@ -30,7 +30,7 @@ from ssechat.accounts.models import ApiToken
 from ssechat.streams.hub import StoredEvent
 
 from .conftest import session_cookies
-from .hardening_tools import ensure_permissions, record
+from .hardening_tools import record
 from .sse import parse
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -115,7 +115,6 @@ def check(html: str, where: str, *, must_show: tuple[str, ...] = ()) -> int:
 
 def hostile_world():
     """Every user-writable field holds the payloads."""
-    ensure_permissions()
     User = get_user_model()
     owner = User.objects.create_user(
         "victim", password="x", first_name=PAYLOADS[1][:150], last_name=PAYLOADS[3]
