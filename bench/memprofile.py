@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 
 import httpx
 
@@ -65,6 +66,7 @@ def main() -> None:
             print(bench.run(measure(server, target, headers, args.streams, group)))
         finally:
             server.stop()
+    shutil.rmtree(cfg.workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
