@@ -119,7 +119,7 @@ ASGI_APPLICATION = "ssechat.asgi.application"
 DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
-        conn_max_age=env_int("DB_CONN_MAX_AGE", 60),
+        conn_max_age=env_int("DB_CONN_MAX_AGE", 0),  # 0: no per-thread leak under ASGI
         conn_health_checks=True,
     )
 }
