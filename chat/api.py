@@ -137,14 +137,16 @@ def _check_idle(conversation: Conversation) -> None:
             )
 
 
-def _post_message(user_id: int, pk: int, content: str) -> tuple[Message, Message]:
+def _post_message(user_id: int, pk: int, content: str) -> tuple[Message, Message, list | None]:
     with transaction.atomic():
         conversation = _owned_conversation(user_id, pk, lock=True)
         _check_idle(conversation)
         check_answer_limits(user_id)
         user_message = generation.create_user_message(conversation, content)
         answer = generation.create_answer(user_message, conversation)
-    return user_message, answer
+    # Read on this thread (the answer's task then starts without a database hop), after
+    # the commit: inside, SQLite's write lock would be held for it.
+    return user_message, answer, generation.history_for(user_message.pk)
 
 
 @api_view(("POST",))
@@ -153,8 +155,8 @@ async def post_message(request: HttpRequest, pk: int) -> HttpResponse:
     if "content" not in body:
         raise ApiError(400, "'content' is required.", code="invalid_field", field="content")
     content = check_message_length(body["content"])
-    user_message, answer = await sync_to_async(_post_message)(request.user.pk, pk, content)
-    generation.launch(answer)
+    user_message, answer, history = await sync_to_async(_post_message)(request.user.pk, pk, content)
+    generation.launch(answer, history)
     return JsonResponse(
         {
             "user_message": message_json(user_message),
@@ -187,7 +189,7 @@ async def cancel(request: HttpRequest, pk: int) -> HttpResponse:
     return JsonResponse(message_json(done))
 
 
-def _regenerate(user_id: int, pk: int) -> Message:
+def _regenerate(user_id: int, pk: int) -> tuple[Message, list | None]:
     with transaction.atomic():
         message = _owned_message(user_id, pk)
         conversation = _owned_conversation(user_id, message.conversation_id, lock=True)
@@ -207,13 +209,14 @@ def _regenerate(user_id: int, pk: int) -> Message:
             )
         _check_idle(conversation)
         check_answer_limits(user_id)
-        return generation.create_answer(user_message, conversation)
+        answer = generation.create_answer(user_message, conversation)
+    return answer, generation.history_for(user_message.pk)
 
 
 @api_view(("POST",))
 async def regenerate(request: HttpRequest, pk: int) -> HttpResponse:
-    answer = await sync_to_async(_regenerate)(request.user.pk, pk)
-    generation.launch(answer)
+    answer, history = await sync_to_async(_regenerate)(request.user.pk, pk)
+    generation.launch(answer, history)
     return JsonResponse(
         {"assistant_message": message_json(answer), "stream_url": stream_url(answer.pk)},
         status=201,

@@ -20,8 +20,9 @@ are not in that count, and they arrive as events.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from datetime import datetime
+from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 from django.template.loader import render_to_string
@@ -30,12 +31,19 @@ from ssechat.api import json_error
 from ssechat.streams.db import run_db
 from ssechat.streams.hub import StoredEvent
 from ssechat.streams.response import EventStreamResponse, event_stream_view
-from ssechat.streams.stream import LIVE, EventStream, resume_id
+from ssechat.streams.stream import (
+    LIVE,
+    PENDING,
+    READY,
+    EventStream,
+    iterate_polled,
+    resume_id,
+)
 from ssechat.streams.wire import encode_event, encode_json_event
 
 from .models import is_valid_topic
 from .presenters import fragment_context
-from .services import BROADCAST_CHANNEL, count_for, user_channel
+from .services import BROADCAST_CHANNEL, count_for, feed_prefetch, user_channel
 
 logger = logging.getLogger("notifications")
 
@@ -102,45 +110,126 @@ def _unread(count: int, event_id: int) -> bytes:
     return encode_json_event({"count": count}, event="unread", id=event_id)
 
 
-async def feed_frames(
+class FeedFrames:
+    """The feed's frames over an EventStream, as an async iterator or, for the
+    response, through ``poll()``/``wait()`` (no async generator per frame).
+
+    Most items become a frame without waiting; going live and the stored
+    ``unread``/``recount`` events need a count from the database first: ``poll()``
+    keeps such an item and says PENDING, and ``wait()`` does the query.
+    """
+
+    __slots__ = (
+        "_held", "_ready", "count", "first", "fmt", "joined", "stream", "topics", "user_id",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        stream: EventStream,
+        user_id: int,
+        joined: datetime,
+        fmt: str = "json",
+        topics: frozenset[str] | None = None,
+        first: tuple[int, int] | None = None,
+    ):
+        self.stream = stream
+        # (position, unread count there), read with the authentication (fastlane's
+        # stream_prefetch): used when the stream goes live at that same position.
+        self.first = first
+        self.user_id = user_id
+        self.joined = joined
+        self.fmt = fmt
+        self.topics = topics
+        self.count: int | None = None  # known once live
+        self._held = None  # an item that needs the database first
+        self._ready: bytes | None = None  # the frame made from it
+
+    def poll(self):
+        """The next frame (or item with a ``frame``) ready now; PENDING or END."""
+        ready = self._ready
+        if ready is not None:
+            self._ready = None
+            return ready
+        if self._held is not None:
+            return PENDING
+        poll = self.stream.poll
+        while True:
+            item = poll()
+            if item.__class__ is not StoredEvent:
+                if item is LIVE:
+                    first, self.first = self.first, None
+                    if first is not None and first[0] == self.stream.position:
+                        self.count = first[1]
+                        return _unread(first[1], first[0])
+                    self._held = item
+                    return PENDING
+                return item  # reset, keep-alive, PENDING, END
+            kind = item.type
+            if kind == "notification":
+                frame = self._notification(item)
+                if frame:
+                    return frame
+            elif kind in ("unread", "recount") and self.count is not None:
+                self._held = item
+                return PENDING
+
+    def _notification(self, item: StoredEvent) -> bytes:
+        if item.channel == BROADCAST_CHANNEL:
+            created = _created(item)
+            if created is not None and created < self.joined:
+                return b""  # sent before this user joined (a re-send): not theirs
+        topics = self.topics
+        wanted = topics is None or item.payload().get("topic") in topics
+        count = self.count
+        if count is None:
+            return (item.frame if self.fmt == "json" else html_frame(item)) if wanted else b""
+        count = self.count = count + 1
+        # The notification and the new count in one write. Most receivers share a count,
+        # so the joined frames are memoised per (count, format) on the event.
+        key = (count, self.fmt if wanted else None)
+        frame = item.cache.get(key)
+        if frame is None:
+            frame = (item.frame if self.fmt == "json" else html_frame(item)) if wanted else b""
+            frame = item.cache[key] = frame + _unread(count, item.id)
+        return frame
+
+    def wait(self) -> Awaitable[None]:
+        """What to await before polling again (done at once if something is ready)."""
+        if self._ready is not None:
+            return READY
+        if self._held is None:
+            return self.stream.wait()
+        return self._recount()
+
+    def arm(self, waker: Any) -> bool:
+        """See EventStream.arm."""
+        if self._ready is not None or self._held is not None:
+            return False
+        return self.stream.arm(waker)
+
+    async def _recount(self) -> None:
+        item = self._held
+        # Going live: count at the stream's position. A stored unread/recount event: the
+        # read state changed (this user's, or everyone's by the admin): count again.
+        at = self.stream.position if item is LIVE else item.id
+        self.count = await run_db(count_for, self.user_id, self.joined, at)
+        self._held = None
+        self._ready = _unread(self.count, at)
+
+    def __aiter__(self) -> AsyncIterator:
+        return iterate_polled(self, self.stream.close)
+
+
+def feed_frames(
     stream: EventStream,
     user_id: int,
     joined: datetime,
     *,
     fmt: str = "json",
     topics: frozenset[str] | None = None,
-) -> AsyncIterator:
-    count: int | None = None  # known once live
-    async for item in stream:
-        if item is LIVE:
-            count = await run_db(count_for, user_id, joined, stream.position)
-            yield _unread(count, stream.position)
-            continue
-        if item.__class__ is not StoredEvent:
-            yield item  # reset, keep-alive
-            continue
-        kind = item.type
-        if kind == "notification":
-            if item.channel == BROADCAST_CHANNEL:
-                created = _created(item)
-                if created is not None and created < joined:
-                    continue  # sent before this user joined (a re-send): not theirs
-            wanted = topics is None or item.payload().get("topic") in topics
-            frame = (item.frame if fmt == "json" else html_frame(item)) if wanted else b""
-            if count is not None:
-                count += 1
-                # One write for both frames; most receivers share a count, so memoise it.
-                key = ("unread", count)
-                unread = item.cache.get(key)
-                if unread is None:
-                    unread = item.cache[key] = _unread(count, item.id)
-                frame += unread
-            if frame:
-                yield frame
-        elif kind in ("unread", "recount") and count is not None:
-            # Read state changed (this user's, or everyone's by the admin): count again.
-            count = await run_db(count_for, user_id, joined, item.id)
-            yield _unread(count, item.id)
+    first: tuple[int, int] | None = None,
+) -> FeedFrames:
+    return FeedFrames(stream, user_id, joined, fmt, topics, first)
 
 
 @event_stream_view
@@ -154,5 +243,12 @@ async def notification_stream(request: HttpRequest) -> HttpResponse:
     stream = EventStream(
         [user_channel(user.pk), BROADCAST_CHANNEL], resume_id(request), user_id=user.pk
     )
-    frames = feed_frames(stream, user.pk, user.date_joined, fmt=fmt, topics=topics)
+    frames = feed_frames(
+        stream, user.pk, user.date_joined, fmt=fmt, topics=topics,
+        first=getattr(request, "stream_prefetch", None),
+    )  # fmt: skip
     return EventStreamResponse(frames, stream=stream, label=request.path, user_id=user.pk)
+
+
+# The first unread count is read in the stream lane's authentication call (one hop per connect).
+notification_stream.stream_prefetch = feed_prefetch

@@ -8,6 +8,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from ssechat.streams.hub import get_hub
+from ssechat.streams.log import latest_id
 
 from . import services
 from .models import Level, Notification
@@ -25,8 +26,14 @@ def stream_position() -> int | None:
     are dropped by id on the page).
     """
     hub = get_hub()
-    if hub.loop is None or hub.broker is None:
+    broker = hub.broker
+    if hub.loop is None or broker is None:
         return None  # not serving streams in this process (e.g. a WSGI server)
+    if broker.name == "local":
+        # SQLite commits ids in order, so every id up to the newest is committed; the
+        # hub may not have polled another process's writes yet, and a page rendering
+        # newer state than its position would get older events replayed over it.
+        return max(hub.horizon, latest_id())
     return hub.horizon
 
 

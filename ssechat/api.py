@@ -114,8 +114,15 @@ def is_authenticated(request: HttpRequest) -> bool:
 ViewFunc = Callable[..., Awaitable[HttpResponse]]
 
 
-def api_view(methods: tuple[str, ...] = ("GET",), *, login_required: bool = True):
-    """Decorate an async API view: method check, 401 JSON for anonymous, ApiError."""
+def api_view(
+    methods: tuple[str, ...] = ("GET",), *, login_required: bool = True, lane: bool = False
+):
+    """Decorate an async API view: method check, 401 JSON for anonymous, ApiError.
+
+    ``lane=True`` lets Bearer-token requests to the view take the lean lane
+    (ssechat/apilane.py): for views that need no session, messages or CSRF and
+    do their ORM work with ``ssechat.streams.db.run_db`` (no thread context there).
+    """
 
     def decorator(view: ViewFunc) -> ViewFunc:
         @functools.wraps(view)
@@ -136,6 +143,8 @@ def api_view(methods: tuple[str, ...] = ("GET",), *, login_required: bool = True
             except ApiError as exc:
                 return exc.response()
 
+        if lane:
+            wrapper.api_lane = True  # type: ignore[attr-defined]
         return wrapper
 
     return decorator

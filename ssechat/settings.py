@@ -185,6 +185,11 @@ SSECHAT_SUBSCRIBER_QUEUE = env_int("SSECHAT_SUBSCRIBER_QUEUE", 1000)
 SSECHAT_STREAM_DB_THREADS = env_int("SSECHAT_STREAM_DB_THREADS", 4)
 # Serve GETs to event-stream views on the lean lane (see ssechat/streams/fastlane.py).
 SSECHAT_STREAM_FAST_PATH = env_bool("SSECHAT_STREAM_FAST_PATH", True)
+# Serve JSON API requests with a Bearer token (and no cookie) on the lean lane (ssechat/apilane.py).
+SSECHAT_API_FAST_PATH = env_bool("SSECHAT_API_FAST_PATH", True)
+# Live, idle streams are written from the hub's dispatch (no task wake-up per event);
+# only with servers whose send/receive allow it (uvicorn). Off: every write from the task.
+SSECHAT_DIRECT_WRITES = env_bool("SSECHAT_DIRECT_WRITES", True)
 # Event log and broker.
 SSECHAT_BROKER = os.environ.get("SSECHAT_BROKER", "")  # "", "postgres" or "local"
 SSECHAT_POLL_INTERVAL = env_float("SSECHAT_POLL_INTERVAL", 0.5)

@@ -133,7 +133,7 @@ def test_send_and_watch_it_stream(slow_server, browser_context, alice):
     assert page.input_value("#prompt") == "first line\nsecond line"
     assert page.locator("#thread .msg").count() == 0
 
-    text = sentence(30)
+    text = sentence(60)  # four seconds at 15 tokens a second: seen streaming on a busy machine
     send(page, "[demo:echo] " + text)
     conv = conversation_id(page)
     expect(page.locator("#thread .msg-user")).to_have_text("[demo:echo] " + text)
@@ -408,7 +408,7 @@ def test_answer_survives_a_network_drop_and_a_reload(slow_server, browser_contex
     proxy = DroppingProxy(slow_server.port)
     try:
         page = open_chat(browser_context, proxy.url, alice)
-        text = sentence(70)
+        text = sentence(120)  # still streaming after the drop and the reload
         send(page, "[demo:echo] " + text)
         conv = conversation_id(page)
         answer = answers(page).last
@@ -457,7 +457,7 @@ def test_second_tab_follows_the_answer(slow_server, browser_context, alice):
 
     # Long enough to stream for several seconds, so the follower is seen mid-answer
     # even when a busy machine makes each look at the page slow.
-    text = sentence(70)
+    text = sentence(100)
     page.bring_to_front()
     send(page, "[demo:echo] " + text)
     follower = answers(other).last
@@ -480,7 +480,7 @@ def test_late_joiner_and_a_browser_without_shared_workers(
     from its start (the message stream), so it shows exactly the answer. That
     browser has no SharedWorker: the page runs the hub itself."""
     page = open_chat(browser_context, slow_server, alice)
-    text = sentence(50)
+    text = sentence(120)  # eight seconds: a second browser logs in and opens it mid-answer
     send(page, "[demo:echo] " + text)
     conv = conversation_id(page)
     expect(answers(page).last.locator(".markdown")).to_contain_text("the browser", timeout=10_000)

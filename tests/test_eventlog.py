@@ -355,3 +355,48 @@ async def test_idle_streams_hold_no_connection_and_no_thread(live_server):
     finally:
         for s in streams:
             s.close()
+
+
+@pytest.mark.postgres
+async def test_an_earlier_id_held_by_a_younger_xid_is_not_skipped(live_server):
+    """The interleaving that fools a snapshot's ``xmax``: transaction A takes its xid
+    first, B takes a later xid and then the *earlier* event id, A takes the next id and
+    commits. A snapshot's xmax is the latest completed xid + 1, so B's running xid can
+    sit at or above it while B holds the missing id: the broker must still wait for B."""
+    import psycopg
+
+    from ssechat.streams.brokers import pg_conninfo
+
+    channel = unique("xid-order")
+    table = Event._meta.db_table
+    insert = f"""
+        WITH xact AS MATERIALIZED (SELECT pg_current_xact_id()),
+        ins AS (
+            INSERT INTO {table} (id, channel, parent, type, data, created_at)
+            SELECT nextval(pg_get_serial_sequence(%s, 'id')::regclass), %s, '', 'tick', %s,
+                   now() FROM xact
+            RETURNING id
+        )
+        SELECT id, pg_notify('ssechat_events', '') FROM ins
+    """  # noqa: S608
+    reader = asyncio.create_task(
+        read_events(live_server.url, f"/test/channels/{channel}/stream/", max_events=2, idle=8)
+    )
+    await asyncio.sleep(0.5)  # the stream is open
+
+    def interleave() -> list[int]:
+        info = pg_conninfo()
+        with psycopg.connect(info) as a, psycopg.connect(info) as b:
+            a.execute("SELECT pg_current_xact_id()")  # A: the older xid
+            (held,) = b.execute(insert, [table, channel, '{"n": 1}']).fetchone()[:1]  # B
+            (later,) = a.execute(insert, [table, channel, '{"n": 2}']).fetchone()[:1]
+            a.commit()  # the later id is visible; the earlier one is held by B
+            time.sleep(1.5)  # the broker sees the gap and looks again, many times
+            b.commit()
+        return [held, later]
+
+    ids = await asyncio.to_thread(interleave)
+    assert ids[1] == ids[0] + 1
+    events = await reader
+    assert [int(e.id) for e in events] == ids
+    assert [json.loads(e.data)["n"] for e in events] == [1, 2]

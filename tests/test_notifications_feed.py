@@ -401,3 +401,22 @@ async def test_a_feed_on_one_worker_gets_notifications_sent_on_another(start_ser
     finally:
         for feed in feeds:
             await feed.__aexit__(None, None, None)
+
+
+def test_page_position_is_never_behind_what_the_page_shows(monkeypatch):
+    """A page reads its stream position, then its list. On SQLite (ids commit in order)
+    the position is the newest stored id even when this process's hub has not polled
+    another process's writes yet: otherwise older events would be replayed over the
+    newer list (a read notification shown unread again). On PostgreSQL it stays the
+    hub's gap-free horizon."""
+    from types import SimpleNamespace
+
+    from notifications import views
+    from ssechat.streams.log import publish
+
+    event_id = publish("test:position", "tick", {})
+    hub = SimpleNamespace(loop=object(), broker=SimpleNamespace(name="local"), horizon=0)
+    monkeypatch.setattr(views, "get_hub", lambda: hub)
+    assert views.stream_position() == event_id
+    hub.broker.name = "postgres"
+    assert views.stream_position() == 0

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import codecs
 import json
+import os
 import re
 import socket
 import ssl
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +53,14 @@ class Backend(abc.ABC):
         Raises :class:`LLMError` on any failure of the model server.
         """
 
+    async def stream_batches(self, messages: list[dict]) -> AsyncIterator[list[str | Usage]]:
+        """The pieces of :meth:`stream` in lists: whatever arrived together (HTTP
+        backends: one list per network read), so a fast model costs one hop per read,
+        not per token. Pieces before a failure are yielded before :class:`LLMError`."""
+        async with aclosing(self.stream(messages)) as pieces:
+            async for piece in pieces:
+                yield [piece]
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
         """Release resources held for the running event loop (optional)."""
 
@@ -59,6 +70,89 @@ class Backend(abc.ABC):
 
 # ---------------------------------------------------------------------------
 # Shared HTTP plumbing of the ollama and openai backends.
+
+# json.loads costs three Python calls and two regex matches around the C scanner;
+# calling the scanner directly halves the cost of a line (a line is a token here).
+_scan_once = json.JSONDecoder().scan_once
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads(text)``, faster for the common case of a line with no surrounding
+    whitespace. Raises ``ValueError`` for anything ``json.loads`` rejects."""
+    try:
+        value, end = _scan_once(text, 0)
+    except StopIteration:  # leading whitespace, or nothing JSON at all
+        return json.loads(text)
+    if end != len(text):
+        return json.loads(text)  # trailing whitespace is fine, anything else raises
+    return value
+
+
+class LineSplitter:
+    """Splits a byte stream into text lines, read by read.
+
+    Lines end with LF, CRLF or a lone CR (what both NDJSON and SSE accept); the
+    unterminated tail is kept for the next read. Invalid UTF-8 becomes U+FFFD, as
+    httpx's own text decoding does.
+    """
+
+    __slots__ = ("_decode", "_tail")
+
+    def __init__(self, encoding: str = "utf-8") -> None:
+        self._decode = codecs.getincrementaldecoder(encoding)(errors="replace").decode
+        self._tail = ""
+
+    def feed(self, data: bytes, final: bool = False) -> list[str]:
+        """The lines completed by ``data`` (all that is left when ``final``)."""
+        text = self._decode(data, final)
+        if self._tail:
+            text = self._tail + text
+        held = ""
+        if "\r" in text:
+            if text[-1] == "\r" and not final:
+                text, held = text[:-1], "\r"  # maybe the first half of a CRLF
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        lines = text.split("\n")
+        tail = lines.pop()
+        if final:
+            self._tail = ""
+            if tail:
+                lines.append(tail)
+        else:
+            self._tail = tail + held
+        return lines
+
+
+async def split_lines(source: AsyncIterable[bytes], encoding: str) -> AsyncIterator[list[str]]:
+    """The lines of a byte stream, one list per read (never an empty list)."""
+    feed = LineSplitter(encoding).feed
+    async for data in source:
+        lines = feed(data)
+        if lines:
+            yield lines
+    lines = feed(b"", True)
+    if lines:
+        yield lines
+
+
+async def read_lines(response: Any) -> AsyncIterator[list[str]]:
+    """The lines of a streamed body, one list per network read (never empty lists)."""
+    line_batches = getattr(response, "line_batches", None)
+    if line_batches is not None:  # rawhttp's response splits lines as data arrives
+        async for lines in line_batches():
+            yield lines
+        return
+    source: AsyncIterator[bytes]
+    if response.headers.get("content-encoding", "identity").strip().lower() in ("", "identity"):
+        # Nothing to decode: read the transport's stream itself, two generator layers
+        # (aiter_bytes, aiter_raw) fewer per network read. httpx's exception mapping
+        # lives in that stream, so errors are the same.
+        source = response.stream  # type: ignore[assignment]
+    else:
+        source = response.aiter_bytes()
+    async for lines in split_lines(source, response.encoding or "utf-8"):
+        yield lines
+
 
 MAX_ERROR_BODY = 4096  # bytes of an error body read to build the message
 MAX_SNIPPET = 200  # characters of it shown in the message
@@ -174,10 +268,47 @@ class HTTPBackend(Backend):
         self.read_timeout = read_timeout if read_timeout and read_timeout > 0 else None
         self.max_connections = max_connections
         self._transport = transport
+        self._raw: bool | None = None  # whether post_stream bypasses httpx (decided once)
         self._clients: dict[
             asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, asyncio.Task[None]]
         ] = {}
         self._lock = threading.Lock()
+
+    async def stream(self, messages: list[dict]) -> AsyncIterator[str | Usage]:
+        async with aclosing(self.stream_batches(messages)) as batches:
+            async for batch in batches:
+                for piece in batch:
+                    yield piece
+
+    def post_stream(self, payload: Any) -> Any:
+        """``async with backend.post_stream(payload) as response``: the streamed POST
+        to the endpoint. On plain ``http://`` (a local model server) through
+        :mod:`chat.llm.rawhttp`, several times cheaper a read than httpx; otherwise
+        (TLS, proxies, a test transport, or ``SSECHAT_LLM_FAST_HTTP=0``) through httpx."""
+        if self._raw is None:
+            from . import rawhttp
+
+            enabled = os.environ.get("SSECHAT_LLM_FAST_HTTP", "1").strip().lower()
+            self._raw = (
+                self._transport is None
+                and enabled not in ("0", "false", "no", "off")
+                and rawhttp.usable(self.endpoint)
+            )
+        if self._raw:
+            from .rawhttp import post_stream
+
+            return post_stream(
+                self.endpoint,
+                payload,
+                self._headers(),
+                connect_timeout=self.connect_timeout,
+                read_timeout=self.read_timeout,
+            )
+        return self.client().stream("POST", self.endpoint, json=payload)
+
+    @property
+    def endpoint(self) -> str:
+        return self.url
 
     # -- client per loop ------------------------------------------------------
 

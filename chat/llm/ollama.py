@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 import httpx
@@ -13,6 +12,8 @@ from .base import (
     Usage,
     as_count,
     clean_messages,
+    parse_json,
+    read_lines,
     upstream_error_message,
 )
 
@@ -46,49 +47,67 @@ class OllamaBackend(HTTPBackend):
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
 
-    async def stream(self, messages: list[dict]) -> AsyncIterator[str | Usage]:
+    async def stream_batches(self, messages: list[dict]) -> AsyncIterator[list[str | Usage]]:
         payload = {
             "model": self.model,
             "messages": clean_messages(messages),
             "stream": True,
         }
         try:
-            async with self.client().stream("POST", self.endpoint, json=payload) as response:
+            async with self.post_stream(payload) as response:
                 if response.status_code >= 400:
                     raise await self.status_error(response)
                 if response.status_code != 200:
                     raise LLMError(
                         f"The model server answered {response.status_code} instead of a stream."
                     )
-                async for line in response.aiter_lines():
-                    if not line.strip():
-                        continue
-                    try:
-                        data = json.loads(line)
-                    except ValueError:
-                        raise self.malformed(line) from None
-                    if not isinstance(data, dict):
-                        raise self.malformed(line)
-                    if "error" in data:
-                        raise LLMError(upstream_error_message(data["error"]))
-                    message = data.get("message")
-                    content = message.get("content") if isinstance(message, dict) else None
-                    done = data.get("done")
-                    if done is True:
-                        if isinstance(content, str) and content:
-                            yield content
-                        if "prompt_eval_count" in data or "eval_count" in data:
-                            yield Usage(
-                                prompt_tokens=as_count(data.get("prompt_eval_count")),
-                                completion_tokens=as_count(data.get("eval_count")),
-                            )
+                # One batch per network read: its lines parsed in one go, and what came
+                # before a bad line is handed out before the error.
+                async for lines in read_lines(response):
+                    pieces, error, done = self._parse(lines)
+                    if pieces:
+                        yield pieces
+                    if error is not None:
+                        raise error
+                    if done:
                         return
-                    if not isinstance(content, str):
-                        raise self.malformed(line)
-                    if content:
-                        yield content
                 raise self.ended_early()
         except LLMError:
             raise
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise self.transport_error(exc) from exc
+
+    def _parse(self, lines: list[str]) -> tuple[list[str | Usage], LLMError | None, bool]:
+        """The pieces of some NDJSON lines, the error that stopped them, and whether the
+        last line (``"done": true``) was among them."""
+        pieces: list[str | Usage] = []
+        append = pieces.append
+        for line in lines:
+            if not line or line.isspace():
+                continue
+            try:
+                data = parse_json(line)
+            except ValueError:
+                return pieces, self.malformed(line), False
+            if data.__class__ is not dict:
+                return pieces, self.malformed(line), False
+            if "error" in data:
+                return pieces, LLMError(upstream_error_message(data["error"])), False
+            message = data.get("message")
+            content = message.get("content") if message.__class__ is dict else None
+            if data.get("done") is True:
+                if content.__class__ is str and content:
+                    append(content)
+                if "prompt_eval_count" in data or "eval_count" in data:
+                    append(
+                        Usage(
+                            prompt_tokens=as_count(data.get("prompt_eval_count")),
+                            completion_tokens=as_count(data.get("eval_count")),
+                        )
+                    )
+                return pieces, None, True
+            if content.__class__ is not str:
+                return pieces, self.malformed(line), False
+            if content:
+                append(content)
+        return pieces, None, False

@@ -15,6 +15,8 @@ from .base import (
     Usage,
     as_count,
     clean_messages,
+    parse_json,
+    read_lines,
     upstream_error_message,
 )
 
@@ -60,6 +62,29 @@ class SSEParser:
             self._event = value
         return None
 
+    def feed_lines(self, lines: list[str]) -> list[tuple[str, str]]:
+        """:meth:`feed` for many lines at once: the ``(event, data)`` of each event they end."""
+        events: list[tuple[str, str]] = []
+        data = self._data
+        for line in lines:
+            if not line:
+                if data:
+                    events.append((self._event or "message", "\n".join(data)))
+                    data = self._data = []
+                self._event = ""
+            elif line.startswith("data:"):  # nearly every line: the fast path
+                value = line[5:]
+                data.append(value[1:] if value[:1] == " " else value)
+            elif line[0] != ":":
+                name, colon, value = line.partition(":")
+                if colon and value.startswith(" "):
+                    value = value[1:]
+                if name == "data":
+                    data.append(value)
+                elif name == "event":
+                    self._event = value
+        return events
+
     def pending(self) -> SSEEvent | None:
         """The event still being built when the stream ended (not dispatched by the spec)."""
         if not self._data:
@@ -87,7 +112,7 @@ class OpenAIBackend(HTTPBackend):
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers
 
-    async def stream(self, messages: list[dict]) -> AsyncIterator[str | Usage]:
+    async def stream_batches(self, messages: list[dict]) -> AsyncIterator[list[str | Usage]]:
         payload = {
             "model": self.model,
             "messages": clean_messages(messages),
@@ -95,7 +120,7 @@ class OpenAIBackend(HTTPBackend):
             "stream_options": {"include_usage": True},
         }
         try:
-            async with self.client().stream("POST", self.endpoint, json=payload) as response:
+            async with self.post_stream(payload) as response:
                 if response.status_code >= 400:
                     raise await self.status_error(response)
                 if response.status_code != 200:
@@ -106,31 +131,40 @@ class OpenAIBackend(HTTPBackend):
                 if content_type.startswith("application/json"):
                     # A server that ignored "stream": a whole chat.completion, or an error.
                     async for piece in self._whole_answer(response):
-                        yield piece
+                        yield [piece]
                     return
-                async for piece in self._sse_answer(response):
-                    yield piece
+                async for batch in self._sse_answer(response):
+                    yield batch
         except LLMError:
             raise
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise self.transport_error(exc) from exc
 
-    async def _sse_answer(self, response: httpx.Response) -> AsyncIterator[str | Usage]:
+    async def _sse_answer(self, response: httpx.Response) -> AsyncIterator[list[str | Usage]]:
+        """One list of text pieces per network read; the usage (if any) last."""
         parser = SSEParser()
         usage: Usage | None = None
         done = finished = False
-        async for line in response.aiter_lines():
-            event = parser.feed(line)
-            if event is None:
-                continue
-            if event.data.strip() == "[DONE]":
-                done = True
+        async for lines in read_lines(response):
+            pieces: list[str | Usage] = []
+            try:
+                for event, data in parser.feed_lines(lines):
+                    if data.strip() == "[DONE]":
+                        done = True
+                        break
+                    text, chunk_usage, chunk_finished = self._parse_chunk(event, data)
+                    if text:
+                        pieces.append(text)
+                    usage = chunk_usage or usage
+                    finished = finished or chunk_finished
+            except LLMError:
+                if pieces:
+                    yield pieces  # the text before the bad frame arrives first
+                raise
+            if pieces:
+                yield pieces
+            if done:
                 break
-            text, chunk_usage, chunk_finished = self._chunk(event)
-            if text:
-                yield text
-            usage = chunk_usage or usage
-            finished = finished or chunk_finished
         else:
             # The body ended: accept a last frame that lacked its blank line.
             event = parser.pending()
@@ -140,45 +174,48 @@ class OpenAIBackend(HTTPBackend):
                 else:
                     text, chunk_usage, chunk_finished = self._chunk(event)
                     if text:
-                        yield text
+                        yield [text]
                     usage = chunk_usage or usage
                     finished = finished or chunk_finished
         if not (done or finished):
             raise self.ended_early()
         if usage is not None:
-            yield usage
+            yield [usage]
 
     def _chunk(self, event: SSEEvent) -> tuple[str, Usage | None, bool]:
         """Text, usage and whether a choice finished, from one ``chat.completion.chunk``."""
+        return self._parse_chunk(event.event, event.data)
+
+    def _parse_chunk(self, event: str, raw: str) -> tuple[str, Usage | None, bool]:
         try:
-            data = json.loads(event.data)
+            data = parse_json(raw)
         except ValueError:
-            if event.event == "error":
-                raise LLMError(upstream_error_message(event.data)) from None
-            raise self.malformed(event.data) from None
+            if event == "error":
+                raise LLMError(upstream_error_message(raw)) from None
+            raise self.malformed(raw) from None
         if not isinstance(data, dict):
-            raise self.malformed(event.data)
-        if data.get("error") is not None or event.event == "error":
+            raise self.malformed(raw)
+        if data.get("error") is not None or event == "error":
             raise LLMError(upstream_error_message(data.get("error", data)))
         choices = data.get("choices")
         usage = _usage(data.get("usage"))
         if not isinstance(choices, list) or (not choices and usage is None):
-            raise self.malformed(event.data)
+            raise self.malformed(raw)
         text = ""
         finished = False
         for choice in choices:
             if not isinstance(choice, dict):
-                raise self.malformed(event.data)
+                raise self.malformed(raw)
             if choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta")
             if delta is None:
                 delta = {}
             if not isinstance(delta, dict):
-                raise self.malformed(event.data)
+                raise self.malformed(raw)
             content = delta.get("content")
             if content is not None and not isinstance(content, str):
-                raise self.malformed(event.data)
+                raise self.malformed(raw)
             text += content or ""
             if choice.get("finish_reason"):
                 finished = True

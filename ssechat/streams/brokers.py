@@ -14,13 +14,18 @@ in order and the horizon is simply the newest id read.
 (never one per client), plus one async connection to read. On PostgreSQL ids
 come from a sequence and transactions commit out of order: id 11 can be
 visible while id 10 is still in flight, or id 10 may never exist (rollback).
-So the broker only advances its horizon over contiguous ids. At a gap it
-remembers the snapshot in which a later id was visible; every transaction that
-could still fill the gap was already running then (publish takes its xid
-before its id), so once the oldest running transaction (``xmin``) is past that
-snapshot's ``xmax``, whatever is still missing never will be, and the broker
-moves on. A resume therefore never skips an event, and nothing waits longer
-than the transactions that actually hold the ids.
+So the broker only advances its horizon over contiguous ids. At a gap, every
+transaction that could still fill it was already running when the later id
+was seen (publish takes its xid before its id), so the broker then takes a
+transaction id of its own: it is above every xid assigned so far. Once the
+oldest running transaction (a snapshot's ``xmin``) is past that bound, whatever
+is still missing never will be, and the broker moves on. A resume therefore
+never skips an event, and nothing waits longer than the transactions that
+actually hold the ids.
+
+(The bound is not the snapshot's ``xmax``: that is the latest *completed* xid
+plus one, and a transaction with a higher xid may already be running, holding
+an earlier id, while the snapshot's ``xmin`` has caught up with that ``xmax``.)
 """
 
 from __future__ import annotations
@@ -151,10 +156,10 @@ class PostgresBroker:
         self._tasks: list[asyncio.Task] = []
         self._reader = None
         self._conninfo = pg_conninfo()
-        # The earliest gap in ids above the horizon, and the xmax of the first
-        # snapshot in which an id beyond it was visible.
+        # The earliest gap in ids above the horizon, and when it was first seen.
         self._gap_id: int | None = None
-        self._gap_xmax = 0
+        self._gap_bound = 0  # an xid above every one assigned when the gap was seen
+        self._gap_new = False  # a gap just seen: its bound is still to be taken
         self._gap_seen_at = 0.0
         self.listening = False
         self.reconnects = 0
@@ -166,12 +171,13 @@ class PostgresBroker:
 
     async def start(self) -> None:
         self._reader = await self._connect()
-        # Start at the newest id, but only once every transaction that was
-        # running when we looked has ended: one of them may hold a smaller id.
-        horizon, xmax = await self._latest_with_xmax()
+        # Start at the newest id, but only once every transaction that had an xid
+        # when we looked has ended: one of them may hold a smaller id.
+        horizon = await self._latest()
+        bound = await self._xid_bound()
         while True:
             xmin, _ = await self._snapshot()
-            if xmin >= xmax:
+            if xmin >= bound:
                 break
             await asyncio.sleep(0.01)
         self.hub.advance(horizon)
@@ -191,13 +197,17 @@ class PostgresBroker:
         xmin, xmax = await cur.fetchone()
         return int(xmin), int(xmax)
 
-    async def _latest_with_xmax(self) -> tuple[int, int]:
-        cur = await self._reader.execute(
-            f"SELECT coalesce(max(id), 0), pg_snapshot_xmax(pg_current_snapshot())::text"  # noqa: S608
-            f" FROM {self.table}"
-        )
-        latest, xmax = await cur.fetchone()
-        return int(latest), int(xmax)
+    async def _latest(self) -> int:
+        cur = await self._reader.execute(f"SELECT coalesce(max(id), 0) FROM {self.table}")  # noqa: S608
+        (latest,) = await cur.fetchone()
+        return int(latest)
+
+    async def _xid_bound(self) -> int:
+        """An xid above every one assigned so far: a transaction id of our own (the
+        reader is in autocommit, so it ends at once). Taken once per gap, not per read."""
+        cur = await self._reader.execute("SELECT pg_current_xact_id()::text")
+        (xid,) = await cur.fetchone()
+        return int(xid)
 
     async def _listen(self) -> None:
         backoff = _Backoff()
@@ -262,9 +272,8 @@ class PostgresBroker:
         while True:
             cur = await self._reader.execute(
                 f"""
-                SELECT s.xmin, s.xmax, e.id, e.channel, e.parent, e.type, e.data
-                FROM (SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS xmin,
-                             pg_snapshot_xmax(pg_current_snapshot())::text AS xmax) s
+                SELECT s.xmin, e.id, e.channel, e.parent, e.type, e.data
+                FROM (SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS xmin) s
                 LEFT JOIN LATERAL (
                     SELECT id, channel, parent, type, data FROM {self.table}
                     WHERE id > %s ORDER BY id LIMIT %s
@@ -275,26 +284,31 @@ class PostgresBroker:
             rows = await cur.fetchall()
             if not rows:
                 return
-            xmin, xmax = int(rows[0][0]), int(rows[0][1])
-            events = [StoredEvent(*row[2:]) for row in rows if row[2] is not None]
-            deliverable = self._contiguous(events, xmin, xmax)
+            xmin = int(rows[0][0])
+            events = [StoredEvent(*row[1:]) for row in rows if row[1] is not None]
+            deliverable = self._contiguous(events, xmin)
             self.hub.dispatch(deliverable)
+            if self._gap_new:
+                self._gap_bound = await self._xid_bound()
+                self._gap_new = False
             if len(events) < READ_BATCH or len(deliverable) < len(events):
                 return
 
-    def _contiguous(self, events: list[StoredEvent], xmin: int, xmax: int) -> list[StoredEvent]:
-        """The prefix of ``events`` that can be handed out without skipping an id."""
+    def _contiguous(self, events: list[StoredEvent], xmin: int) -> list[StoredEvent]:
+        """The prefix of ``events`` that can be handed out without skipping an id.
+
+        A gap seen for the first time sets ``_gap_new``: the caller then takes its bound."""
         out: list[StoredEvent] = []
         expected = self.hub.horizon + 1
         for event in events:
             if event.id != expected:
                 gap = expected
-                if self._gap_id == gap and xmin >= self._gap_xmax:
+                if self._gap_id == gap and not self._gap_new and xmin >= self._gap_bound:
                     # Every transaction that could fill [gap, event.id) has ended.
                     self._gap_id = None
                 else:
                     if self._gap_id != gap:
-                        self._gap_id, self._gap_xmax = gap, xmax
+                        self._gap_id, self._gap_new = gap, True
                         self._gap_seen_at = self.hub.loop.time()
                     elif self.hub.loop.time() - self._gap_seen_at > 10:
                         logger.warning(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import logging
 import sys
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
@@ -37,12 +38,34 @@ from django.urls import Resolver404, get_resolver
 from ssechat.api import json_error
 
 from .db import run_db
-from .hub import stream_auth
+from .hub import get_hub, stream_auth
 from .revocation import session_auth_key, token_auth_key
 
 logger = logging.getLogger("ssechat.streams")
 
 BEARER_PATH_PREFIXES = ("/api/", "/v1/")
+MAX_CACHED_PATHS = 1024
+MAX_CACHED_HOSTS = 64
+
+
+def cached_match(resolver, cache: dict, path: str, marker: str) -> Any:
+    """The ResolverMatch for ``path`` if its view carries the attribute ``marker``, else
+    None; remembered per path in ``cache`` (bounded): resolving walks every URL pattern
+    (and builds a ``tried`` list), a dict lookup does not."""
+    try:
+        return cache[path]
+    except KeyError:
+        pass
+    try:
+        match = resolver.resolve(path)
+    except Resolver404:
+        match = None
+    if match is not None and not getattr(match.func, marker, False):
+        match = None
+    if len(cache) >= MAX_CACHED_PATHS:
+        cache.clear()
+    cache[path] = match
+    return match
 
 
 def _no_response(request):  # the middlewares below are only used for their hooks
@@ -60,6 +83,11 @@ class FastLane:
         self.active = {"django.contrib.auth.middleware.AuthenticationMiddleware"} <= set(
             settings.MIDDLEWARE
         )
+        # path -> ResolverMatch of an event-stream view, or None (see cached_match).
+        self.matches: dict[str, object | None] = {}
+        # Host headers CommonMiddleware accepted (see request_checks).
+        self.good_hosts: set[str] = set()
+        self.plain_common = not settings.DISALLOWED_USER_AGENTS and not settings.PREPEND_WWW
 
     def match(self, scope) -> object | None:
         """The resolver match if this request is for an event-stream view."""
@@ -69,11 +97,7 @@ class FastLane:
         root = scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root) :]
-        try:
-            match = self.resolver.resolve(path)
-        except Resolver404:
-            return None
-        return match if getattr(match.func, "event_stream", False) else None
+        return cached_match(self.resolver, self.matches, path, "event_stream")
 
     async def get_response(self, handler, scope, body: bytes, match):
         """Run the view; return (request, response)."""
@@ -83,12 +107,12 @@ class FastLane:
             return None, json_error(400, "bad_request", "The request could not be read.")
         request.resolver_match = match
         try:
-            early = self.security.process_request(request) or self.common.process_request(request)
+            early = self.request_checks(request)
         except DisallowedHost:
             return request, json_error(400, "bad_request", "Invalid Host header.")
         if early is not None:
             return request, early
-        denied = await self.authenticate(request)
+        denied = await self.authenticate(request, getattr(match.func, "stream_prefetch", None))
         if denied is not None:
             return request, self.finish(request, denied)
         try:
@@ -107,36 +131,78 @@ class FastLane:
             response = json_error(500, "server_error", "The stream could not be opened.")
         return request, self.finish(request, response)
 
+    def request_checks(self, request) -> HttpResponse | None:
+        """SecurityMiddleware's and CommonMiddleware's ``process_request``.
+
+        CommonMiddleware's is skipped for a Host it has already accepted when it
+        could do nothing else (no ``DISALLOWED_USER_AGENTS``, no ``PREPEND_WWW``;
+        the path, an event-stream view's or an API view's, resolved as it is).
+        """
+        early = self.security.process_request(request)
+        if early is not None:
+            return early
+        raw_host = request._get_raw_host()
+        if self.plain_common and raw_host in self.good_hosts:
+            return None
+        early = self.common.process_request(request)  # raises DisallowedHost
+        if early is None and self.plain_common:
+            if len(self.good_hosts) >= MAX_CACHED_HOSTS:
+                self.good_hosts.clear()
+            self.good_hosts.add(raw_host)
+        return early
+
     def finish(self, request, response: HttpResponse) -> HttpResponse:
         response = self.security.process_response(request, response)
         response = self.xframe.process_response(request, response)
         response.headers.setdefault("Vary", "Cookie, Authorization")
         return response
 
-    async def authenticate(self, request) -> HttpResponse | None:
-        """Set ``request.user`` from an API token or the session; a response if refused."""
+    async def authenticate(self, request, prefetch=None) -> HttpResponse | None:
+        """Set ``request.user`` from an API token or the session; a response if refused.
+
+        ``prefetch`` (a view's ``stream_prefetch`` attribute), when given, runs in
+        the same database call as the authentication, with the user and the hub's
+        horizon read just before the call: ``prefetch(user, horizon)``. Its result
+        is ``request.stream_prefetch`` (None for an anonymous user). A view can
+        use it when the stream starts at that same horizon (nothing was
+        dispatched in between), and saves a trip to the database threads.
+        """
         from ssechat.accounts.fastauth import get_authenticator
         from ssechat.accounts.middleware import bearer_token, invalid_token_response
 
         auth = get_authenticator()
         session_key = request.COOKIES.get(settings.SESSION_COOKIE_NAME)
         request.session = self.session_engine.SessionStore(session_key)
+        request.stream_prefetch = None
         token = bearer_token(request) if request.path.startswith(BEARER_PATH_PREFIXES) else None
+        horizon = get_hub().horizon if prefetch is not None else 0
         if token is not None:
-            user = await run_db(auth.user_for_token, token)
+            user, request.stream_prefetch = await run_db(
+                _authenticate, auth.user_for_token, token, prefetch, horizon
+            )
             if user is None:
                 return invalid_token_response(request.path)
             key = token_auth_key(token)
         elif not session_key:
             user, key = AnonymousUser(), None
         else:
-            user = await run_db(auth.user_for_session, session_key)
+            user, request.stream_prefetch = await run_db(
+                _authenticate, auth.user_for_session, session_key, prefetch, horizon
+            )
             key = session_auth_key(session_key)
         set_user(request, user)
         if user.is_authenticated:
             # Streams opened by this request can be closed by revoking these credentials.
             stream_auth.set((user.pk, key))
         return None
+
+
+def _authenticate(lookup, credential: str, prefetch, horizon: int) -> tuple:
+    """(user, prefetched) in one call on the database pool."""
+    user = lookup(credential)
+    if prefetch is None or user is None or not user.is_authenticated:
+        return user, None
+    return user, prefetch(user, horizon)
 
 
 def set_user(request, user) -> None:

@@ -32,6 +32,7 @@ from django.core.handlers.asgi import get_script_prefix
 from django.urls import set_script_prefix
 
 from ssechat.api import json_error
+from ssechat.apilane import ApiLane
 
 from .db import spawn
 from .fastlane import FastLane
@@ -132,8 +133,19 @@ class ASGIHandler(DjangoASGIHandler):
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
         match = self.fastlane.match(scope)
         if match is not None:
-            await self.handle_stream_request(scope, receive, send, match)
+            # Handed over in a box and dropped here: this frame lives as long as the stream.
+            box = [match]
+            del match
+            await self.handle_stream_request(scope, receive, send, box)
             return
+        match = self.apilane.match(scope)
+        if match is not None:
+            await self.apilane.handle(self, scope, receive, send, match)
+            return
+        await self.handle_django(scope, receive, send)
+
+    async def handle_django(self, scope, receive, send) -> None:
+        """Django's full path: middleware and view in the request's thread context."""
         async with ThreadSensitiveContext():
             response = await self.handle(scope, receive, send)
         if response is not None:
@@ -146,8 +158,18 @@ class ASGIHandler(DjangoASGIHandler):
     def fastlane(self) -> FastLane:
         return FastLane()
 
+    @functools.cached_property
+    def apilane(self) -> ApiLane:
+        return ApiLane(self.fastlane)
+
     async def handle_stream_request(self, scope, receive, send, match) -> None:
-        """A GET to an event-stream view, on the lean lane (see fastlane.py)."""
+        """A GET to an event-stream view, on the lean lane (see fastlane.py).
+
+        ``match`` is the view's ``ResolverMatch``, or a one-item list holding it
+        (emptied here, so that no frame keeps it while the stream is open).
+        """
+        if isinstance(match, list):
+            match = match.pop()
         body = bytearray()
         while True:
             message = await receive()
@@ -161,7 +183,8 @@ class ASGIHandler(DjangoASGIHandler):
                 break
         set_script_prefix(get_script_prefix(scope))
         request, response = await self.fastlane.get_response(self, scope, bytes(body), match)
-        del request  # a long-lived stream keeps neither the request nor the response
+        # A long-lived stream keeps neither the request, its resolver match nor the response.
+        del request, match
         if isinstance(response, EventStreamResponse):
             start, frames = response.start_message(), response.frames
             del response
@@ -263,34 +286,238 @@ class ASGIHandler(DjangoASGIHandler):
     async def stream(self, start: dict, frames, receive, send) -> None:
         """Send an event stream until it ends or the client disconnects.
 
-        The frames are sent from this task; a second, small task waits for the
-        disconnect and cancels this one (one task fewer per open stream).
+        The frames are sent from this task. The client's disconnect is awaited
+        without a task of its own (see _DisconnectWatch); it cancels this one.
+        Whatever frames are ready when this task wakes go out as one write.
         """
         task = asyncio.current_task()
-        state = {"finished": False, "gone": False}
-
-        def on_disconnect(listener: asyncio.Task) -> None:
-            if listener.cancelled():
-                return
-            listener.exception()  # RequestAborted: expected, mark it retrieved
-            if not state["finished"]:
-                state["gone"] = True
-                task.cancel()
-
-        listener = asyncio.get_running_loop().create_task(self.listen_for_disconnect(receive))
-        listener.add_done_callback(on_disconnect)
+        steppable = settings.SSECHAT_DIRECT_WRITES and _steppable(send) and _steppable(receive)
+        watch = _DisconnectWatch(task, receive, steppable)
+        writer = None
         try:
-            await send(start)
-            async for chunk in frames:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            # Send a copy and empty the caller's dict: the header list is not kept
+            # for the stream's life by whoever still holds ``start``.
+            message = dict(start)
+            start.clear()
+            await send(message)
+            del message
+            pull = getattr(frames, "pull", None)
+            if pull is None:
+                async for chunk in frames:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            else:
+                arm = getattr(frames, "arm", None)
+                loop = asyncio.get_running_loop()
+                writer = _DirectWriter(frames, send) if arm is not None and steppable else None
+                # After a write, wait() is done at once if more came meanwhile.
+                wait = frames.wait
+                chunk = pull()
+                while chunk is not None:
+                    if chunk:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if writer is not None and arm(writer):
+                        # Live and idle: the hub writes this stream's frames itself (see
+                        # _DirectWriter); this task sleeps until the writer needs it.
+                        park = writer.park = loop.create_future()
+                        await park
+                        writer.park = park = None
+                        if writer.error is not None or writer.pending is not None:
+                            await writer.take_over()
+                    else:
+                        await wait()
+                    chunk = pull()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not state["gone"]:
+            if not watch.gone:
                 raise
             task.uncancel()
         except OSError:
             pass  # the client went away mid-write
+        except Exception as exc:
+            if getattr(frames, "error", False) is None:
+                frames.error = repr(exc)  # for the "stream closed" log line
+            raise
         finally:
-            state["finished"] = True
-            listener.cancel()
+            watch.stop()
+            if writer is not None:
+                writer.closed = True
+                if writer.pending is not None:  # a write left waiting for a client now gone
+                    writer.pending[0].close()
+                    writer.pending = None
             await frames.aclose()
+
+
+class _DirectWriter:
+    """Writes a live, idle stream's frames from the hub's dispatch, without waking its task.
+
+    Waking a stream's task for each event (a future, the event loop's callback,
+    resuming six nested coroutines) cost more than the write itself. Instead
+    the stream's mailbox calls ``set_result`` on this object (it looks like a
+    future to the hub), which pulls the frames that are ready and sends them
+    at once: with uvicorn a write goes straight to the socket unless the
+    client is slow. The task is woken only when it is needed: a write that
+    has to wait for the client (flow control; the task finishes it, and events
+    queue in the mailbox meanwhile, as before), a step that needs the database
+    (going live, catching up after an overflow), the end of the stream, an
+    error. Order is kept: it writes only while the task sleeps, and the task
+    writes only while it is not armed.
+    """
+
+    __slots__ = ("closed", "error", "frames", "park", "pending", "send")
+
+    def __init__(self, frames, send) -> None:
+        self.frames = frames
+        self.send = send
+        self.closed = False
+        self.error: BaseException | None = None
+        self.pending = None  # (send coroutine, the future it waits on)
+        self.park: asyncio.Future | None = None  # what the task sleeps on
+
+    async def take_over(self) -> None:
+        """In the task, once woken: raise what failed, or finish the write left waiting."""
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            await _Resume(*pending)
+
+    def _wake(self) -> None:
+        park = self.park
+        if park is not None and not park.done():
+            park.set_result(None)
+
+    # The hub calls these two as it would on a mailbox's future. ``done()`` is always
+    # False (``bool()``: no Python call per event); set_result checks ``closed``.
+    done = bool
+
+    def set_result(self, _value: object) -> None:
+        if self.closed:
+            return
+        frames = self.frames
+        try:
+            # Called at the first put into an empty mailbox: one item is ready (more
+            # would leave arm() False below, and the task would take them).
+            chunk = frames.pull_one()
+            if chunk:
+                coro = self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+                try:
+                    waiting_on = coro.send(None)
+                except StopIteration:
+                    pass  # written
+                else:  # the client is slow: the task finishes this write
+                    self.pending = (coro, waiting_on)
+                    self._wake()
+                    return
+            elif chunk is None:
+                self._wake()  # the end
+                return
+            if not frames.arm(self):
+                self._wake()  # something needs the task (the database, a signal)
+        except Exception as exc:  # never into the hub's loop: the task raises it
+            self.error = exc
+            self._wake()
+
+
+class _Resume:
+    """Await the rest of a coroutine that was started outside this task and is
+    waiting on ``future`` (what a Task does with the futures a coroutine yields)."""
+
+    __slots__ = ("coro", "future")
+
+    def __init__(self, coro, future) -> None:
+        self.coro = coro
+        self.future = future
+
+    def __await__(self):
+        coro, future = self.coro, self.future
+        while True:
+            try:
+                yield future
+            except BaseException as exc:
+                try:
+                    future = coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    future = coro.send(None)
+                except StopIteration:
+                    return
+
+
+class _DisconnectWatch:
+    """Cancels a stream's task when its client disconnects, without a task of its own.
+
+    It drives the server's ``receive()`` coroutine from the callbacks of the
+    futures it waits on, as a Task would (a Task, its coroutine and a closure
+    per open stream cost about 1 KB). Any message ends the stream: after the
+    request body only ``http.disconnect`` can come.
+    """
+
+    __slots__ = ("_coro", "_listener", "_task", "finished", "gone")
+
+    def __init__(self, task: asyncio.Task, receive, steppable: bool = True) -> None:
+        self._task = task
+        self.gone = False
+        self.finished = False
+        self._listener: asyncio.Future | None = None
+        awaitable = receive()
+        if steppable and asyncio.iscoroutine(awaitable):
+            self._coro = awaitable
+            self._step()
+        else:  # a server we do not know, or not a coroutine: let asyncio run it as a task
+            self._coro = None
+            self._listener = asyncio.ensure_future(awaitable)
+            self._listener.add_done_callback(self._done)
+
+    def _step(self, future: asyncio.Future | None = None) -> None:
+        if self.finished:
+            return
+        try:
+            if future is not None and future.cancelled():
+                yielded = self._coro.throw(asyncio.CancelledError())
+            else:
+                yielded = self._coro.send(None)
+        except BaseException:  # it returned (the client left) or failed: either way, stop
+            self._coro = None
+            self._fire()
+            return
+        if getattr(yielded, "_asyncio_future_blocking", None):
+            yielded._asyncio_future_blocking = False
+            yielded.add_done_callback(self._step)
+        else:  # a bare yield (sleep(0)): step again soon
+            asyncio.get_running_loop().call_soon(self._step)
+
+    def _done(self, future: asyncio.Future) -> None:
+        if not future.cancelled():
+            future.exception()  # mark it retrieved
+        self._fire()
+
+    def _fire(self) -> None:
+        if not self.finished:
+            self.gone = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        self.finished = True
+        coro, self._coro = self._coro, None
+        if coro is not None:
+            coro.close()  # receive() stops waiting (its future leaves the server's event)
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+
+
+def _steppable(callable_: object) -> bool:
+    """May this ``send``/``receive`` be driven outside its task (from the hub's dispatch,
+    from future callbacks)? Only where it is known to be a plain coroutine that awaits
+    futures (no timeouts, no ``current_task()``): uvicorn's own, or a class that says
+    so with ``ssechat_steppable = True``. Anything else is run by the stream's task."""
+    owner = getattr(callable_, "__self__", None)
+    if owner is None:
+        return False
+    cls = type(owner)
+    return cls.__module__.startswith("uvicorn.protocols.") or getattr(
+        cls, "ssechat_steppable", False
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -87,11 +88,15 @@ class Connection:
 
     A bounded queue: when a slow client lets it fill up, it is emptied and
     marked overflowed, and the stream catches up from the database instead.
+
+    The oldest item waits in ``_first``; a deque for the ones behind it is made
+    only when a second item queues (an idle or keeping-up stream never needs
+    one, and a deque's first block is 760 bytes).
     """
 
     __slots__ = (
-        "_items",
-        "_timer",
+        "_first",
+        "_rest",
         "_waiter",
         "auth_key",
         "channels",
@@ -119,7 +124,8 @@ class Connection:
         self.user_id = user_id
         self.auth_key = auth_key
         self.limit = limit
-        self._items: deque = deque()
+        self._first = None
+        self._rest: deque | None = None
         self._waiter: asyncio.Future | None = None
         self.overflowed = False
         self.closed = False
@@ -127,21 +133,31 @@ class Connection:
         self.start_horizon = hub.horizon
         self.last_write = 0.0
         self.deadline = 0.0
-        self._timer: asyncio.TimerHandle | None = None
 
     def put(self, item) -> None:
         if self.closed:
             return
-        if len(self._items) >= self.limit:
-            self._items.clear()
-            self.overflowed = True
+        if self._first is None:
+            self._first = item
         else:
-            self._items.append(item)
+            self._queue(item)
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+
+    def _queue(self, item) -> None:
+        """Queue behind ``_first`` (which is set), or overflow."""
+        rest = self._rest
+        if rest is None:
+            rest = self._rest = deque()
+        if len(rest) + 1 >= self.limit:
+            self._first = None
+            rest.clear()
+            self.overflowed = True
+        else:
+            rest.append(item)
 
     def close(self, reason: str) -> None:
         if not self.closed:
@@ -149,39 +165,58 @@ class Connection:
             self.put(CLOSE)
             self.closed = True
 
+    def take(self):
+        """The next item if one is waiting (StoredEvent, KEEPALIVE_SIGNAL, OVERFLOW or
+        CLOSE), else None. Never waits."""
+        if self.overflowed:
+            self.overflowed = False
+            self._first = None
+            if self._rest is not None:
+                self._rest.clear()
+            return OVERFLOW
+        item = self._first
+        if item is not None:
+            rest = self._rest
+            self._first = rest.popleft() if rest else None
+            return item
+        if self.closed:
+            return CLOSE
+        return None
+
+    def waiter(self) -> asyncio.Future:
+        """A future resolved by the next ``put`` (call only when ``take()`` gave None)."""
+        waiter = self._waiter = self.hub.loop.create_future()
+        return waiter
+
     async def get(self, timeout: float | None = None):
         """The next item: a StoredEvent, KEEPALIVE_SIGNAL, OVERFLOW or CLOSE.
 
         With a ``timeout``, None when nothing arrived in time.
         """
-        if not (self.overflowed or self._items or self.closed):
-            loop = self.hub.loop
-            waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
-            try:
-                await waiter
-            finally:
-                if self._waiter is waiter:
-                    self._waiter = None
-                if timer is not None:
-                    timer.cancel()
-        if self.overflowed:
-            self.overflowed = False
-            self._items.clear()
-            return OVERFLOW
-        if self._items:
-            return self._items.popleft()
-        if self.closed:
-            return CLOSE
-        return None
+        item = self.take()
+        if item is not None:
+            return item
+        loop = self.hub.loop
+        waiter = self.waiter()
+        timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
+        try:
+            await waiter
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+            if timer is not None:
+                timer.cancel()
+        return self.take()
 
     def drop_pending(self) -> None:
-        self._items.clear()
+        self._first = None
+        if self._rest is not None:
+            self._rest.clear()
         self.overflowed = False
 
     def wrote(self) -> None:
         """Note that the stream sent something (keep-alives are due only when idle)."""
-        self.last_write = self.hub.loop.time()
+        self.last_write = self.hub.write_stamp
 
 
 class Hub:
@@ -201,6 +236,18 @@ class Hub:
         self.max_lifetime = settings.SSECHAT_STREAM_MAX_SECONDS
         self.queue_limit = settings.SSECHAT_SUBSCRIBER_QUEUE
         self.dispatched = 0
+        # Keep-alives and maximum lifetimes: one sweep per tick for the whole hub (no
+        # timer per connection). Each connection waits in the wheel's bucket of the tick
+        # at or after which something may be due for it; a write only updates a float.
+        due = [1.0] + [s / 4 for s in (self.keepalive, self.max_lifetime) if s > 0]
+        self.tick = max(min(due), 0.005)
+        self._wheel: dict[int, list[Connection]] = {}
+        self._swept = 0  # buckets up to this index have been swept
+        self._sweeper: asyncio.TimerHandle | None = None
+        # What a write records as its time: the next tick's time, never earlier than
+        # the write itself, so a keep-alive never comes after less than
+        # SSECHAT_KEEPALIVE_SECONDS of silence (and at most about two ticks later).
+        self.write_stamp = 0.0
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -228,6 +275,10 @@ class Hub:
         self._ready = asyncio.Event()
         self._start_lock = asyncio.Lock()
         self.shutting_down = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self._wheel.clear()
         for conn in list(self.connections):
             conn.closed = True
         self.by_channel.clear()
@@ -286,16 +337,19 @@ class Hub:
         conn.last_write = now
         if self.max_lifetime > 0:
             conn.deadline = now + self.max_lifetime
-        self._arm(conn, now)
+        if self._sweeper is None:
+            self._swept = int(now / self.tick)
+            self.write_stamp = now + self.tick
+        self._place(conn)
         if self.shutting_down:
             conn.close("shutdown")
         return conn
 
     def release(self, conn: Connection) -> None:
         conn.closed = True
-        if conn._timer is not None:
-            conn._timer.cancel()
-            conn._timer = None
+        # It leaves the timer wheel at its bucket's sweep; hold nothing meanwhile.
+        conn.drop_pending()
+        conn._waiter = None
         for channel in conn.channels:
             subs = self.by_channel.get(channel)
             if subs is not None:
@@ -330,42 +384,72 @@ class Hub:
             conn.close(reason)
         return len(conns)
 
-    # One timer per connection, re-armed lazily: a write only updates a float.
-    def _arm(self, conn: Connection, now: float) -> None:
+    # -- keep-alives and maximum lifetime: one timer wheel per hub -------------------
+    def _place(self, conn: Connection) -> None:
+        """Put ``conn`` in the bucket of the first tick at which something may be due."""
         due = conn.last_write + self.keepalive if self.keepalive > 0 else float("inf")
         if conn.deadline and conn.deadline < due:
             due = conn.deadline
         if due == float("inf"):
             return
-        conn._timer = self.loop.call_at(max(due, now), self._on_timer, conn)
+        index = max(math.ceil(due / self.tick), self._swept + 1)
+        bucket = self._wheel.get(index)
+        if bucket is None:
+            self._wheel[index] = [conn]
+        else:
+            bucket.append(conn)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_at((self._swept + 1) * self.tick, self._sweep)
 
-    def _on_timer(self, conn: Connection) -> None:
-        conn._timer = None
-        if conn.closed:
-            return
+    def _sweep(self) -> None:
+        # (self._sweeper stays set while sweeping: _place schedules no other timer.)
         now = self.loop.time()
-        if conn.deadline and now >= conn.deadline:
-            conn.close("max_lifetime")
-            return
-        if self.keepalive > 0 and now - conn.last_write >= self.keepalive * 0.999:
-            conn.put(KEEPALIVE_SIGNAL)
-            conn.last_write = now
-        self._arm(conn, now)
+        self.write_stamp = now + self.tick
+        current = int(now / self.tick)
+        wheel = self._wheel
+        # A small tolerance: a bucket's time and its connections' due times are floats.
+        slack = self.tick * 1e-3
+        keepalive = self.keepalive
+        for index in range(self._swept + 1, current + 1):
+            bucket = wheel.pop(index, None)
+            if bucket is None:
+                continue
+            self._swept = index
+            for conn in bucket:
+                if conn.closed:
+                    continue  # released or closed: it leaves the wheel here
+                if conn.deadline and now + slack >= conn.deadline:
+                    conn.close("max_lifetime")
+                    continue
+                if keepalive > 0 and now + slack - conn.last_write >= keepalive:
+                    conn.put(KEEPALIVE_SIGNAL)
+                    conn.last_write = now
+                self._place(conn)
+        self._swept = max(self._swept, current)
+        self._sweeper = self.loop.call_at((current + 1) * self.tick, self._sweep) if wheel else None
 
     # -- delivery --------------------------------------------------------------
     def dispatch(self, events: list[StoredEvent]) -> None:
         """Hand events (in id order, all above the horizon) to their subscribers."""
         by_channel = self.by_channel
         for event in events:
-            subs = by_channel.get(event.channel)
-            if subs:
+            for channel in (event.channel, event.parent) if event.parent else (event.channel,):
+                subs = by_channel.get(channel)
+                if not subs:
+                    continue
+                # Connection.put, inlined: this loop runs once per subscriber per event.
                 for conn in subs:
-                    conn.put(event)
-            if event.parent:
-                subs = by_channel.get(event.parent)
-                if subs:
-                    for conn in subs:
-                        conn.put(event)
+                    if conn.closed:
+                        continue
+                    if conn._first is None:
+                        conn._first = event
+                    else:
+                        conn._queue(event)
+                    waiter = conn._waiter
+                    if waiter is not None:
+                        conn._waiter = None
+                        if not waiter.done():
+                            waiter.set_result(None)
             if event.channel == CONTROL_CHANNEL:
                 self._control(event)
         if events:

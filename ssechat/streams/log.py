@@ -10,6 +10,7 @@ from django.db.models import Max, Q
 
 from .hub import StoredEvent, get_hub
 from .models import Event, EventLogState
+from .rows import insert
 from .wire import check_field, dumps
 
 MAX_CHANNEL_LENGTH = 200
@@ -78,11 +79,8 @@ def publish(
     if conn.vendor == "postgresql":
         event_id = _pg_insert(conn, channel, parent, event_type, data)
     else:
-        event_id = (
-            Event.objects.using(alias)
-            .create(channel=channel, parent=parent, type=event_type, data=data)
-            .pk
-        )
+        event = Event(channel=channel, parent=parent, type=event_type, data=data)
+        event_id = insert(event, alias).pk
     transaction.on_commit(get_hub().poke, using=alias)
     return event_id
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any
 
 from django.conf import settings
@@ -14,6 +15,7 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from ssechat.api import json_error
 
 from .hub import get_hub
+from .stream import END, PENDING
 from .wire import encode_retry
 
 logger = logging.getLogger("ssechat.streams")
@@ -69,8 +71,8 @@ class EventStreamResponse(StreamingHttpResponse):
         self.retry_ms = settings.SSECHAT_RETRY_MS if retry_ms is None else retry_ms
         self.label = label
         self.user_id = user_id
-        # A free generator, not a method: an open stream keeps only it, not this response.
-        self.frames = _frames(self.source, self.stream, self.retry_ms, label, user_id)
+        # Not a method of this response: an open stream keeps only its frames.
+        self.frames = Frames(self.source, self.stream, self.retry_ms, label, user_id)
         super().__init__(self.frames, content_type=CONTENT_TYPE, status=status, headers=headers)
         self["Cache-Control"] = "no-cache"
         self["X-Accel-Buffering"] = "no"
@@ -87,39 +89,186 @@ class EventStreamResponse(StreamingHttpResponse):
         await self.frames.aclose()
 
 
-async def _frames(source, stream, retry_ms: int, label: str, user_id) -> AsyncIterator[bytes]:
-    started = time.monotonic()
-    logger.info("stream open %s user=%s", label, user_id)
-    frames = 0
-    reason = "ended"
-    try:
-        yield encode_retry(retry_ms)
-        async for item in source:
-            frame = item if item.__class__ is bytes else item.frame
-            if frame:
-                frames += 1
-                yield frame
-    except BaseException as exc:
-        reason = (
-            "client gone"
-            if exc.__class__.__name__ in {"CancelledError", "GeneratorExit"}
-            else repr(exc)
-        )
-        raise
-    finally:
-        closer = getattr(source, "aclose", None)
-        if closer is not None:
-            await closer()
-        release = getattr(stream, "close", None)
-        if release is not None:
-            release()
-        connection = getattr(stream, "connection", None)
-        if connection is not None and connection.close_reason:
-            reason = connection.close_reason
-        logger.info(
-                "stream closed %s user=%s after %.1fs, %d frame(s), %s",
-                label, user_id, time.monotonic() - started, frames, reason,
-            )  # fmt: skip
+async def _ended() -> None:
+    return None
+
+
+def _frame_of(item: Any) -> bytes:
+    return item if item.__class__ is bytes else item.frame
+
+
+class Frames:
+    """The body of an event stream: the ``retry:`` line, then the source's frames.
+
+    It is an async iterator of ``bytes`` (what Django's StreamingHttpResponse and
+    its test client read), and it has a leaner interface for the ASGI handler:
+    ``pull()`` joins every frame that is ready now into one chunk (one write to
+    the client however many events were waiting), ``wait()`` is what to await
+    when nothing is. A source with ``poll()``/``wait()`` (an EventStream, the
+    notification feed) is read through those, with no async generator per
+    layer; any other async iterable is read item by item.
+    """
+
+    __slots__ = (
+        "_arm",
+        "_iterator",
+        "_pending",
+        "_poll",
+        "count",
+        "ended",
+        "error",
+        "label",
+        "retry_ms",
+        "source",
+        "started",
+        "stream",
+        "user_id",
+        "wait",
+    )
+
+    def __init__(self, source: Any, stream: Any, retry_ms: int, label: str, user_id: Any):
+        self.source = source
+        self.stream = stream
+        self.retry_ms = retry_ms
+        self.label = label
+        self.user_id = user_id
+        self.started = 0.0  # monotonic time of the first read; 0: not started
+        self.count = 0
+        self.ended = False
+        self.error: str | None = None
+        self._poll = getattr(source, "poll", None)
+        self._arm = getattr(source, "arm", None) if self._poll is not None else None
+        # What to await before pulling again (done at once if something is ready).
+        self.wait: Callable[[], Awaitable[Any]] = self._next if self._poll is None else source.wait
+        self._iterator = None
+        self._pending: list[bytes] | None = None  # read by _next(), not yet pulled
+
+    def _start(self) -> bytes:
+        self.started = time.monotonic()
+        # Logged here, not in a generator: logging materialises its caller's frame object,
+        # which a suspended generator would keep for the stream's life.
+        logger.info("stream open %s user=%s", self.label, self.user_id)
+        return encode_retry(self.retry_ms)
+
+    def pull(self) -> bytes | None:
+        """Every frame ready now, joined (``b""``: none yet, await ``wait()``; None: the end)."""
+        if not self.started:
+            return self._start()
+        chunks = self._pending
+        if chunks is not None:
+            self._pending = None
+        poll = self._poll
+        if poll is not None:
+            try:
+                while True:
+                    item = poll()
+                    if item is PENDING:
+                        break
+                    if item is END:
+                        self.ended = True
+                        break
+                    frame = item if item.__class__ is bytes else item.frame
+                    if frame:
+                        self.count += 1
+                        if chunks is None:
+                            chunks = [frame]
+                        else:
+                            chunks.append(frame)
+            except BaseException as exc:
+                self.error = repr(exc)
+                raise
+        if chunks is None:
+            return None if self.ended else b""
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def pull_one(self) -> bytes | None:
+        """Like ``pull()``, for when at most one item can be ready (a direct write)."""
+        if self._pending is not None or self._poll is None or not self.started:
+            return self.pull()
+        item = self._poll()
+        if item is PENDING:
+            return b""
+        if item is END:
+            self.ended = True
+            return None
+        frame = item if item.__class__ is bytes else item.frame
+        if frame:
+            self.count += 1
+        return frame
+
+    def arm(self, waker: Any) -> bool:
+        """If nothing is ready, have the source's next item call ``waker.set_result(None)``
+        (see EventStream.arm). False: pull, or await ``wait()``."""
+        arm = self._arm
+        if arm is None or self._pending is not None or self.ended or self.source is None:
+            return False
+        return arm(waker)
+
+    async def _next(self) -> None:
+        """Read one item of a source without ``poll()`` (its ``wait``)."""
+        if self._pending is not None or self.ended:
+            return
+        if self._iterator is None:
+            self._iterator = aiter(self.source)
+        try:
+            item = await anext(self._iterator)
+        except StopAsyncIteration:
+            self.ended = True
+            return
+        except BaseException as exc:
+            if exc.__class__ is not asyncio.CancelledError:
+                self.error = repr(exc)
+            raise
+        frame = _frame_of(item)
+        if frame:
+            self.count += 1
+            self._pending = [frame]
+
+    def __aiter__(self) -> Frames:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            chunk = self.pull()
+            if chunk is None:
+                raise StopAsyncIteration
+            if chunk:
+                return chunk
+            try:
+                await self.wait()
+            except BaseException as exc:
+                if self.error is None and exc.__class__ is not asyncio.CancelledError:
+                    self.error = repr(exc)
+                raise
+
+    async def aclose(self) -> None:
+        """Release the source and its stream, and log how the stream ended. Idempotent."""
+        source, stream, self.source, self.stream = self.source, self.stream, None, None
+        if source is None:
+            return
+        self.wait, self._arm = _ended, None
+        try:
+            iterator, self._iterator = self._iterator, None
+            if iterator is not None and iterator is not source:
+                closer = getattr(iterator, "aclose", None)
+                if closer is not None:
+                    await closer()
+            closer = getattr(source, "aclose", None)
+            if closer is not None:
+                await closer()
+        finally:
+            release = getattr(stream, "close", None)
+            if release is not None:
+                release()
+            reason = "ended" if self.ended else (self.error or "client gone")
+            connection = getattr(stream, "connection", None)
+            if connection is not None and connection.close_reason:
+                reason = connection.close_reason
+            if self.started:
+                logger.info(
+                    "stream closed %s user=%s after %.1fs, %d frame(s), %s",
+                    self.label, self.user_id, time.monotonic() - self.started, self.count, reason,
+                )  # fmt: skip
 
 
 View = Callable[..., Awaitable[HttpResponse]]

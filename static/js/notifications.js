@@ -267,7 +267,9 @@
       showError("");
       els.list.querySelectorAll(".notif-skeleton").forEach(function (s) { s.remove(); });
       res.results.forEach(function (n) {
+        // A row the stream placed first keeps its place; the read state is the server's now.
         if (!rows.has(n.id)) place(n, false);
+        else setRead(n.id, n.read);
         addTopicOption(n.topic);
       });
       if (res.results.length) oldest = res.results[res.results.length - 1].id;
@@ -365,7 +367,10 @@
     var n = e.data;
     if (!n || typeof n.id !== "number") return;
     addTopicOption(n.topic);
+    var shown = rows.get(n.id);
     place(n, true);
+    // Sent again (unread) or an older event replayed over a newer list: ask the server.
+    if (shown && shown.n.read && !n.read) reconcileSoon();
     updateEmpty();
   });
   bell.on("unread", function (e) {

@@ -1,0 +1,406 @@
+"""The chat's fast path: the upstream parsed per network read, and group commit of chunks.
+
+- ``LineSplitter`` / ``parse_json``: lines split across reads (LF, CRLF, CR, a
+  UTF-8 character cut in two) and JSON exactly as ``json.loads`` takes it;
+- ``stream_batches``: one list of pieces per network read, the text before a bad
+  line handed out before the error, for both wire formats;
+- ``write_chunks``: the chunks of many answers in one transaction, answers that
+  stopped streaming skipped;
+- generation: many answers at once share one transaction per flush tick, each
+  chunk its own ``delta`` event in id order, the deltas joined equal the content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import httpx
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from chat import generation
+from chat.llm import LLMError, Usage
+from chat.llm.base import LineSplitter, parse_json
+from chat.llm.ollama import OllamaBackend
+from chat.llm.openai import OpenAIBackend
+from chat.models import Conversation, Message
+from ssechat.streams.models import Event
+
+# -- lines and JSON ------------------------------------------------------------
+
+
+def split_all(reads: list[bytes]) -> list[list[str]]:
+    splitter = LineSplitter()
+    out = [splitter.feed(data) for data in reads]
+    out.append(splitter.feed(b"", True))
+    return out
+
+
+def test_lines_split_across_reads():
+    assert split_all([b"a\nb", b"c\n", b"d"]) == [["a"], ["bc"], [], ["d"]]
+    # CRLF cut between two reads is one line end, not two.
+    assert split_all([b"a\r", b"\nb\r\n\r\n"]) == [[], ["a", "b", ""], []]
+    assert split_all([b"a\rb\r", b"c"]) == [["a"], ["b"], ["c"]]
+    # A multi-byte character cut in two is decoded whole; bad bytes become U+FFFD.
+    word = "wörld 👋".encode()
+    assert split_all([word[:2], word[2:9], word[9:] + b"\n"]) == [[], [], ["wörld 👋"], []]
+    assert split_all([b"\xff\n"]) == [["\ufffd"], []]
+    # U+2028 is not a line end in NDJSON or SSE (httpx's splitlines treats it as one).
+    assert split_all(['{"a": "x\u2028y"}\n'.encode()]) == [['{"a": "x\u2028y"}'], []]
+
+
+def test_lone_cr_before_more_text():
+    splitter = LineSplitter()
+    assert splitter.feed(b"a\r") == []
+    assert splitter.feed(b"b\n") == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"a": 1}', ' {"a": 1}', '{"a": 1} ', '"x"', "[1, 2]", "3", "null", '{"a": "\\u00e9"}'],
+)
+def test_parse_json_is_json_loads(text):
+    assert parse_json(text) == json.loads(text)
+
+
+@pytest.mark.parametrize("text", ["", " ", "{", '{"a": 1} x', '{"a": 1}{"b": 2}', "1, 2", "nope"])
+def test_parse_json_rejects_what_json_loads_rejects(text):
+    with pytest.raises(ValueError):
+        json.loads(text)
+    with pytest.raises(ValueError):
+        parse_json(text)
+
+
+# -- one batch per network read ---------------------------------------------------
+
+
+def streamed(cls, reads: list[bytes], content_type: str):
+    async def body():
+        for data in reads:
+            yield data
+
+    def handler(request):
+        return httpx.Response(200, content=body(), headers={"content-type": content_type})
+
+    return cls(url="http://m.test", model="m", transport=httpx.MockTransport(handler))
+
+
+async def batches_of(backend) -> tuple[list[list], str | None]:
+    out: list[list] = []
+    try:
+        async for batch in backend.stream_batches([{"role": "user", "content": "hi"}]):
+            out.append(batch)
+    except LLMError as exc:
+        return out, str(exc)
+    return out, None
+
+
+def ndjson(content: str, done: bool = False, **extra) -> bytes:
+    line = {"model": "m", "message": {"role": "assistant", "content": content}, "done": done}
+    return (json.dumps({**line, **extra}, separators=(",", ":")) + "\n").encode()
+
+
+async def test_ollama_batches_follow_the_reads():
+    a, b, c = ndjson("A"), ndjson("B"), ndjson("C")
+    end = ndjson("", True, prompt_eval_count=2, eval_count=3)
+    backend = streamed(OllamaBackend, [a + b + c[:7], c[7:], end], "application/x-ndjson")
+    batches, error = await batches_of(backend)
+    assert error is None
+    assert batches == [["A", "B"], ["C"], [Usage(2, 3)]]
+    # stream() still yields piece by piece.
+    pieces = [p async for p in backend.stream([])]
+    assert pieces == ["A", "B", "C", Usage(2, 3)]
+
+
+async def test_ollama_text_before_a_bad_line_comes_first():
+    reads = [ndjson("A") + ndjson("B") + b"not json\n" + ndjson("C")]
+    batches, error = await batches_of(streamed(OllamaBackend, reads, "application/x-ndjson"))
+    assert batches == [["A", "B"]]
+    assert error.startswith("The model server sent a malformed line: not json")
+    reads = [ndjson("A") + b'{"error": "boom"}\n']
+    batches, error = await batches_of(streamed(OllamaBackend, reads, "application/x-ndjson"))
+    assert batches == [["A"]] and error == "The model server reported an error: boom"
+    batches, error = await batches_of(streamed(OllamaBackend, [ndjson("A")], "x"))
+    assert batches == [["A"]] and error == "The model server ended the answer early."
+
+
+def sse_chunk(content: str | None, finish: str | None = None) -> bytes:
+    data = {"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]}
+    return f"data: {json.dumps(data)}\r\n\r\n".encode()
+
+
+async def test_openai_batches_follow_the_reads():
+    a, b, c = sse_chunk("A"), sse_chunk("B"), sse_chunk("C", "stop")
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 3}}\n\n'
+    # A CRLF cut between reads, a comment, an event split in the middle of its data.
+    reads = [b": keep-alive\n\n" + a + b[:-1], b[-1:] + c[:10], c[10:] + usage, b"data: [DONE]"]
+    batches, error = await batches_of(streamed(OpenAIBackend, reads, "text/event-stream"))
+    assert error is None
+    assert batches == [["A"], ["B"], ["C"], [Usage(1, 3)]]
+
+
+async def test_openai_text_before_a_bad_frame_comes_first():
+    reads = [sse_chunk("A") + b"data: {oops\n\n" + sse_chunk("B")]
+    batches, error = await batches_of(streamed(OpenAIBackend, reads, "text/event-stream"))
+    assert batches == [["A"]]
+    assert "malformed line" in error
+    reads = [sse_chunk("A") + b'data: {"error": {"message": "overloaded"}}\n\n']
+    batches, error = await batches_of(streamed(OpenAIBackend, reads, "text/event-stream"))
+    assert batches == [["A"]] and error == "The model server reported an error: overloaded"
+
+
+# -- group commit -----------------------------------------------------------------
+
+
+def make_answers(user, count: int) -> list[Message]:
+    answers = []
+    for _ in range(count):
+        conversation = Conversation.objects.create(owner=user, title="t")
+        question = generation.create_user_message(conversation, "q")
+        answers.append(generation.create_answer(question, conversation))
+    return answers
+
+
+@pytest.mark.django_db(transaction=True)
+def test_write_chunks_is_one_transaction_for_many_answers(alice):
+    answers = make_answers(alice, 5)
+    Message.objects.filter(pk=answers[2].pk).update(status=Message.Status.CANCELLED)
+    chunks = [(a.pk, a.conversation_id, f"text {i} ") for i, a in enumerate(answers)]
+    with CaptureQueriesContext(connection) as queries:
+        gone = generation.write_chunks(chunks)
+    assert gone == {answers[2].pk}
+    begins = [q for q in queries.captured_queries if q["sql"].upper().startswith("BEGIN")]
+    assert len(begins) <= 1  # one transaction (SQLite shows its BEGIN; others may not)
+    # One SELECT, one event per live chunk, one UPDATE statement for all of them.
+    assert len(queries.captured_queries) <= 1 + 1 + 4 + 1 + 1
+    second = generation.write_chunks([(a.pk, a.conversation_id, "more") for a in answers])
+    assert second == {answers[2].pk}
+    for i, answer in enumerate(answers):
+        answer.refresh_from_db()
+        deltas = list(
+            Event.objects.filter(channel=f"chat:message:{answer.pk}", type="delta").order_by("id")
+        )
+        if i == 2:
+            assert deltas == [] and answer.content == ""
+            continue
+        texts = [json.loads(e.data)["text"] for e in deltas]
+        assert texts == [f"text {i} ", "more"]
+        assert answer.content == "".join(texts)
+        assert answer.last_event_id == deltas[-1].id
+        assert all(e.parent == f"chat:conversation:{answer.conversation_id}" for e in deltas)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_many_answers_share_one_transaction_per_tick(alice, settings):
+    settings.SSECHAT_LLM_BACKEND = "demo"
+    settings.SSECHAT_DEMO_TOKENS_PER_SECOND = 400
+    settings.SSECHAT_CHAT_FLUSH_MS = 50
+    settings.SSECHAT_CHAT_FLUSH_CHARS = 100_000
+    count = 12
+    answers = await sync_to_async(make_answers)(alice, count)
+    words = " ".join(f"w{i}" for i in range(120))  # 120 tokens: 0.3 s at 400 a second
+    history = [{"role": "user", "content": f"[demo:echo] {words}"}]
+    flusher = generation._flusher()
+    before = flusher.transactions
+    started = asyncio.get_running_loop().time()
+    tasks = [generation.launch(a, history) for a in answers]
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    seconds = asyncio.get_running_loop().time() - started
+    transactions = flusher.transactions - before
+
+    def check() -> list[int]:
+        writes = []
+        for answer in answers:
+            answer.refresh_from_db()
+            assert answer.status == Message.Status.COMPLETE, answer.error
+            events = list(Event.objects.filter(channel=f"chat:message:{answer.pk}").order_by("id"))
+            assert [e.type for e in events][-1] == "done"
+            deltas = [json.loads(e.data)["text"] for e in events if e.type == "delta"]
+            assert "".join(deltas) == answer.content == words
+            writes.append(len(deltas))
+        return writes
+
+    writes = await sync_to_async(check)()
+    ticks = seconds / 0.05 + 2
+    # Writes per answer are bounded by time (one per tick), not by its 120 tokens ...
+    assert max(writes) <= ticks, (writes, seconds)
+    # ... and the answers share their ticks: far fewer transactions than chunks.
+    assert transactions <= ticks, (transactions, seconds)
+    assert sum(writes) >= 2 * transactions
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_cancel_while_streaming_stops_the_answer(alice, settings):
+    settings.SSECHAT_LLM_BACKEND = "demo"
+    settings.SSECHAT_DEMO_TOKENS_PER_SECOND = 200
+    settings.SSECHAT_CHAT_FLUSH_MS = 20
+    [answer] = await sync_to_async(make_answers)(alice, 1)
+    words = " ".join(f"w{i}" for i in range(400))
+    task = generation.launch(answer, [{"role": "user", "content": f"[demo:echo] {words}"}])
+    await asyncio.sleep(0.3)
+    cancelled = await generation.cancel_answer(answer.pk)
+    assert cancelled is not None and cancelled.status == Message.Status.CANCELLED
+    await asyncio.wait_for(task, 10)
+    assert answer.pk not in generation.active_ids()
+
+    def check() -> None:
+        answer.refresh_from_db()
+        events = list(Event.objects.filter(channel=f"chat:message:{answer.pk}").order_by("id"))
+        assert [e.type for e in events][-1] == "done"
+        assert [e.type for e in events].count("done") == 1
+        deltas = [json.loads(e.data)["text"] for e in events if e.type == "delta"]
+        assert "".join(deltas) == answer.content
+        assert 0 < len(answer.content) < len(words)
+
+    await sync_to_async(check)()
+
+
+async def test_a_compressed_body_is_decoded():
+    import gzip
+
+    body = gzip.compress(ndjson("A") + ndjson("B") + ndjson("", True, eval_count=2))
+
+    def handler(request):
+        headers = {"content-type": "application/x-ndjson", "content-encoding": "gzip"}
+        return httpx.Response(200, content=body, headers=headers)
+
+    backend = OllamaBackend(url="http://m.test", model="m", transport=httpx.MockTransport(handler))
+    batches, error = await batches_of(backend)
+    assert error is None
+    assert [p for batch in batches for p in batch] == ["A", "B", Usage(0, 2)]
+
+
+# -- the lean HTTP client (chat.llm.rawhttp) ---------------------------------------
+
+
+async def raw_server(script):
+    """A TCP server that reads the request head and body, then runs ``script(writer)``."""
+
+    async def handle(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+        await reader.readexactly(length)
+        try:
+            await script(writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def raw_body(url: str, read_timeout: float = 5.0) -> tuple[int, bytes, str | None]:
+    from chat.llm.rawhttp import post_stream
+
+    body = b""
+    try:
+        async with post_stream(
+            url + "/x", {"a": 1}, {"User-Agent": "t"}, connect_timeout=2, read_timeout=read_timeout
+        ) as response:
+            async for data in response.aiter_bytes():
+                body += data
+    except httpx.HTTPError as exc:
+        return 0, body, type(exc).__name__
+    return response.status_code, body, None
+
+
+def write_in_pieces(data: bytes, step: int):
+    async def script(writer):
+        for i in range(0, len(data), step):
+            writer.write(data[i : i + step])
+            await writer.drain()
+            await asyncio.sleep(0)
+
+    return script
+
+
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nTrailer: x\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 1000])
+async def test_raw_client_dechunks_across_any_split(step):
+    server, url = await raw_server(write_in_pieces(CHUNKED, step))
+    async with server:
+        assert await raw_body(url) == (200, b"hello, world", None)
+
+
+async def test_raw_client_body_framings():
+    length = b"HTTP/1.1 404 Not Found\r\nContent-Length: 5\r\n\r\nnope!"
+    close = b"HTTP/1.1 200 OK\r\n\r\nuntil the end"
+    cut = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel"
+    bad = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n"
+    expected = [
+        (length, (404, b"nope!", None)),
+        (close, (200, b"until the end", None)),
+        (cut, (0, b"hel", "RemoteProtocolError")),
+        (bad, (0, b"", "RemoteProtocolError")),
+        (b"", (0, b"", "RemoteProtocolError")),
+    ]
+    for data, result in expected:
+        server, url = await raw_server(write_in_pieces(data, 1000))
+        async with server:
+            assert await raw_body(url) == result, data
+
+
+async def test_raw_client_stall_times_out_once_per_silence():
+    async def script(writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(6):  # data every 0.1 s: never 0.3 s of silence
+            writer.write(b"1\r\nx\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2)
+
+    server, url = await raw_server(script)
+    async with server:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        _, body, error = await raw_body(url, read_timeout=0.3)
+        assert (body, error) == (b"xxxxxx", "ReadTimeout")
+        assert 0.8 < loop.time() - started < 1.5
+
+
+async def test_raw_client_interim_responses_trailing_data_and_cut_lengths():
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    after_end = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nnope!garbage"
+    after_chunks = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nxx"
+    close_header = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end"
+    short = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nnop"
+    upgrade = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\nxx"
+    expected = [
+        (interim, (200, b"ok", None)),
+        (after_end, (200, b"nope!", None)),
+        (after_chunks, (200, b"abc", None)),
+        (close_header, (200, b"until the end", None)),
+        (short, (0, b"nop", "RemoteProtocolError")),
+        (upgrade, (0, b"", "RemoteProtocolError")),
+    ]
+    for data, result in expected:
+        for step in (1, 1000):
+            server, url = await raw_server(write_in_pieces(data, step))
+            async with server:
+                assert await raw_body(url) == result, (data, step)
+
+
+async def test_raw_client_reason_phrase_and_charset():
+    from chat.llm.rawhttp import post_stream
+
+    async def script(writer):
+        writer.write(
+            b"HTTP/1.1 503 Busy Now\r\nContent-Type: text/plain; charset=latin-1\r\n"
+            b"Content-Length: 7\r\n\r\nab\xe9\r\ncd"
+        )
+
+    server, url = await raw_server(script)
+    async with server:
+        async with post_stream(url + "/x", {}, {}, connect_timeout=2, read_timeout=2) as response:
+            batches = [batch async for batch in response.line_batches()]
+    assert (response.status_code, response.reason_phrase) == (503, "Busy Now")
+    assert batches == [["abé"], ["cd"]]  # the unterminated tail comes at the end

@@ -1,0 +1,317 @@
+"""The lean parts of the streaming core: mailbox, timer wheel, direct writes, one send per wake-up.
+
+These drive a Hub, an EventStream and ASGIHandler.stream() with a fake ASGI
+server on the test's own event loop; no database and no broker are needed
+(a live stream without a resume id reads nothing stored).
+"""
+
+import asyncio
+import gc
+
+import pytest
+from django.test import override_settings
+
+from ssechat.streams.handler import ASGIHandler
+from ssechat.streams.hub import CLOSE, KEEPALIVE_SIGNAL, OVERFLOW, Hub, StoredEvent
+from ssechat.streams.response import EventStreamResponse
+from ssechat.streams.stream import END, LIVE, PENDING, EventStream
+
+
+def make_hub(**overrides) -> Hub:
+    settings = {
+        "SSECHAT_KEEPALIVE_SECONDS": 15.0,
+        "SSECHAT_STREAM_MAX_SECONDS": 3600.0,
+        "SSECHAT_SUBSCRIBER_QUEUE": 1000,
+        **overrides,
+    }
+    with override_settings(**settings):
+        hub = Hub()
+    hub._reset_for_loop(asyncio.get_running_loop())
+    return hub
+
+
+def event(n: int, channel: str = "c") -> StoredEvent:
+    return StoredEvent(n, channel, "", "note", f'{{"n": {n}}}')
+
+
+def live_stream(hub: Hub, channels=("c",)) -> EventStream:
+    stream = EventStream(channels)
+    stream.connection = hub.open(stream.channels)
+    return stream
+
+
+class FakeServer:
+    """An ASGI server's send/receive; ``paused`` makes send wait like flow control."""
+
+    ssechat_steppable = True  # plain coroutines awaiting futures, like uvicorn's
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+        self.disconnect = asyncio.Event()
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.sends = 0
+
+    async def send(self, message: dict) -> None:
+        self.sends += 1
+        if not self.writable.is_set():
+            await self.writable.wait()
+        self.messages.append(dict(message))
+
+    async def receive(self) -> dict:
+        await self.disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.messages[1:])
+
+
+async def settle(rounds: int = 5) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+# -- the mailbox ---------------------------------------------------------------------
+
+
+async def test_an_idle_or_keeping_up_mailbox_makes_no_deque():
+    hub = make_hub()
+    conn = hub.open(("c",))
+    assert conn.take() is None
+    hub.dispatch([event(1)])
+    assert conn._rest is None  # one waiting item lives in a slot
+    assert conn.take().id == 1
+    hub.dispatch([event(2), event(3)])
+    assert conn._rest is not None  # a second one queues behind it
+    assert [conn.take().id, conn.take().id, conn.take()] == [2, 3, None]
+
+
+async def test_a_full_mailbox_overflows_and_closing_still_ends():
+    hub = make_hub(SSECHAT_SUBSCRIBER_QUEUE=3)
+    conn = hub.open(("c",))
+    hub.dispatch([event(1), event(2), event(3)])  # three fit
+    hub.dispatch([event(4)])  # the fourth does not: overflow
+    assert conn.take() is OVERFLOW
+    assert conn.take() is None
+    hub.dispatch([event(5)])
+    conn.close("test")
+    assert conn.take().id == 5
+    assert conn.take() is CLOSE
+    assert conn.take() is CLOSE
+
+
+async def test_get_with_a_timeout_still_works():
+    hub = make_hub()
+    conn = hub.open(())
+    assert await conn.get(timeout=0.01) is None
+    asyncio.get_running_loop().call_soon(conn.put, KEEPALIVE_SIGNAL)
+    assert await conn.get(timeout=1) is KEEPALIVE_SIGNAL
+
+
+# -- one timer wheel per hub -------------------------------------------------------
+
+
+async def test_keepalives_come_only_after_the_silence_and_no_timer_per_connection():
+    hub = make_hub(SSECHAT_KEEPALIVE_SECONDS=0.2)
+    assert hub.tick == pytest.approx(0.05)
+    conns = [hub.open(("c",)) for _ in range(50)]
+    assert not any(hasattr(c, "_timer") for c in conns)
+    assert hub._sweeper is not None  # the one timer
+    await asyncio.sleep(0.12)
+    assert all(c.take() is None for c in conns)  # less than 0.2 s of silence
+    conns[0].wrote()  # a write postpones its keep-alive
+    await asyncio.sleep(0.2)
+    assert all(c.take() is KEEPALIVE_SIGNAL for c in conns[1:])
+    assert conns[0].take() is None
+    await asyncio.sleep(0.2)
+    assert conns[0].take() is KEEPALIVE_SIGNAL
+    for c in conns:
+        hub.release(c)
+    await asyncio.sleep(0.5)
+    assert hub._wheel == {} and hub._sweeper is None  # no connections, no timer
+
+
+async def test_max_lifetime_closes_through_the_wheel():
+    hub = make_hub(SSECHAT_KEEPALIVE_SECONDS=0, SSECHAT_STREAM_MAX_SECONDS=0.2)
+    conn = hub.open(("c",))
+    await asyncio.sleep(0.1)
+    assert not conn.closed
+    await asyncio.sleep(0.25)
+    assert conn.closed and conn.close_reason == "max_lifetime"
+    assert conn.take() is CLOSE
+
+
+# -- EventStream.poll / wait --------------------------------------------------------
+
+
+async def test_poll_hands_out_live_events_in_order_without_repeats():
+    hub = make_hub()
+    stream = live_stream(hub)
+    assert stream.poll() is PENDING  # not started
+    await stream.wait()  # start: no resume id, nothing stored to read
+    while (item := stream.poll()) is PENDING:
+        await stream.wait()
+    assert item is LIVE
+    hub.dispatch([event(1), event(2)])
+    hub.dispatch([event(2)])  # a repeat is dropped
+    hub.dispatch([event(3)])
+    assert [stream.poll().id for _ in range(3)] == [1, 2, 3]
+    assert stream.poll() is PENDING
+    assert stream.position == 3 and stream.sent == 3
+    stream.connection.close("test")
+    assert stream.poll() is PENDING
+    await stream.wait()
+    assert stream.poll() is END
+
+
+async def test_async_iteration_still_works_and_releases():
+    hub = make_hub()
+    stream = live_stream(hub)
+    seen = []
+
+    async def read():
+        async for item in stream:
+            seen.append(item)
+
+    task = asyncio.create_task(read())
+    await settle()
+    hub.dispatch([event(1)])
+    await settle()
+    stream.connection.close("test")
+    await asyncio.wait_for(task, 2)
+    assert seen[0] is LIVE and seen[1].id == 1
+    assert hub.connections == set()
+
+
+# -- ASGIHandler.stream -------------------------------------------------------------
+
+
+async def start_stream(hub: Hub, server: FakeServer):
+    stream = live_stream(hub)
+    response = EventStreamResponse(stream, stream=stream, retry_ms=1000)
+    start = response.start_message()
+    task = asyncio.create_task(
+        ASGIHandler().stream(start, response.frames, server.receive, server.send)
+    )
+    await settle(10)
+    return stream, start, task
+
+
+async def test_stream_sends_the_start_then_drops_it():
+    hub, server = make_hub(), FakeServer()
+    _stream, start, task = await start_stream(hub, server)
+    assert server.messages[0]["type"] == "http.response.start"
+    assert server.messages[0]["status"] == 200
+    assert start == {}  # the header list is not kept for the stream's life
+    assert server.body() == b"retry: 1000\n\n"
+    server.disconnect.set()
+    await asyncio.wait_for(task, 2)
+    assert hub.connections == set()
+
+
+async def test_live_events_are_written_by_the_hub_without_waking_the_task():
+    hub, server = make_hub(), FakeServer()
+    stream, _, task = await start_stream(hub, server)
+    sends = server.sends
+    hub.dispatch([event(1)])
+    # Written during dispatch itself: no event-loop turn happened.
+    assert server.sends == sends + 1
+    assert server.messages[-1]["body"] == event(1).frame
+    hub.dispatch([event(2), event(3)])  # a client that keeps up: one write per event
+    assert server.sends == sends + 3
+    assert [m["body"] for m in server.messages[-2:]] == [event(2).frame, event(3).frame]
+    stream.connection.close("test")
+    await asyncio.wait_for(task, 2)
+    assert server.messages[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert hub.connections == set()
+
+
+async def test_a_slow_client_gets_everything_in_order_through_the_task():
+    hub, server = make_hub(), FakeServer()
+    _stream, _, task = await start_stream(hub, server)
+    server.writable.clear()  # the client stops reading: the next write waits
+    hub.dispatch([event(1)])
+    hub.dispatch([event(2)])
+    hub.dispatch([event(3), event(4)])
+    await settle()
+    server.writable.set()
+    await settle(10)
+    body = server.body()
+    assert body == b"retry: 1000\n\n" + b"".join(event(n).frame for n in (1, 2, 3, 4))
+    # The write left waiting, then everything that queued meanwhile as one write.
+    assert [m["body"] for m in server.messages[-2:]] == [
+        event(1).frame,
+        event(2).frame + event(3).frame + event(4).frame,
+    ]
+    hub.dispatch([event(5)])  # armed again afterwards
+    assert server.body().endswith(event(5).frame)
+    server.disconnect.set()
+    await asyncio.wait_for(task, 2)
+
+
+async def test_disconnect_ends_the_stream_without_a_listener_task():
+    hub, server = make_hub(), FakeServer()
+    tasks_before = len(asyncio.all_tasks())
+    streams = [await start_stream(hub, server) for _ in range(5)]
+    # One task per stream (its own); the disconnect listener is no task.
+    assert len(asyncio.all_tasks()) == tasks_before + 5
+    server.disconnect.set()
+    await asyncio.wait_for(asyncio.gather(*(t for _, _, t in streams)), 2)
+    assert hub.connections == set()
+    gc.collect()
+    assert server.disconnect._waiters == type(server.disconnect._waiters)()
+
+
+async def test_shutdown_and_keepalives_reach_a_direct_stream():
+    hub, server = make_hub(SSECHAT_KEEPALIVE_SECONDS=0.1), FakeServer()
+    stream, _, task = await start_stream(hub, server)
+    await asyncio.sleep(0.35)
+    assert server.body().count(b": ping\n\n") >= 2
+    hub.close_all("shutdown")
+    await asyncio.wait_for(task, 2)
+    assert stream.connection.close_reason == "shutdown"
+
+
+async def test_a_server_not_known_to_allow_stepping_gets_every_write_from_the_task():
+    """send/receive of a server we do not know (here: plain functions) are never driven
+    from the hub's dispatch or from callbacks: the stream's task writes, a task listens."""
+    hub, server = make_hub(), FakeServer()
+
+    async def send(message):
+        await server.send(message)
+
+    async def receive():
+        return await server.receive()
+
+    stream = live_stream(hub)
+    response = EventStreamResponse(stream, stream=stream, retry_ms=1000)
+    tasks_before = len(asyncio.all_tasks())
+    task = asyncio.create_task(
+        ASGIHandler().stream(response.start_message(), response.frames, receive, send)
+    )
+    await settle(10)
+    assert len(asyncio.all_tasks()) == tasks_before + 2  # the stream's task and its listener
+    sends = server.sends
+    hub.dispatch([event(1)])
+    assert server.sends == sends  # not written during dispatch
+    await settle(10)
+    hub.dispatch([event(2), event(3)])
+    await settle(10)
+    assert server.body() == b"retry: 1000\n\n" + b"".join(event(n).frame for n in (1, 2, 3))
+    server.disconnect.set()
+    await asyncio.wait_for(task, 2)
+    await settle()
+    assert hub.connections == set()
+    assert len(asyncio.all_tasks()) == tasks_before
+
+
+def test_uvicorns_send_and_receive_may_be_stepped():
+    from uvicorn.protocols.http import h11_impl, httptools_impl
+
+    from ssechat.streams.handler import _steppable
+
+    for module in (httptools_impl, h11_impl):
+        cycle = object.__new__(module.RequestResponseCycle)
+        assert _steppable(cycle.send) and _steppable(cycle.receive)
+    assert not _steppable(lambda message: None)
+    assert _steppable(FakeServer().send)
