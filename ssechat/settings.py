@@ -118,7 +118,7 @@ ASGI_APPLICATION = "ssechat.asgi.application"
 # Database: SQLite file by default, anything dj-database-url reads otherwise.
 DATABASES = {
     "default": dj_database_url.parse(
-        os.environ.get("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
+        os.environ.get("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}",  # empty: unset
         conn_max_age=env_int("DB_CONN_MAX_AGE", 0),  # 0: no per-thread leak under ASGI
         conn_health_checks=True,
     )

@@ -62,6 +62,7 @@ def process_stats() -> dict:
         "fds": fds,
         "horizon": hub.horizon,
         "dispatched": hub.dispatched,
+        "handed_over": hub.handed_over,
         "broker": getattr(broker, "name", None),
         "listening": getattr(broker, "listening", None),
     }

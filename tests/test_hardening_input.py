@@ -357,6 +357,7 @@ HARD_CASES = {
     "NaN": (b'{"title": NaN, "content": Infinity}', "application/json", 400),
     "100000 deep": (nested(100_000, "list"), "application/json", 400),
     "deep object": (nested(5_000, "object"), "application/json", 400),
+    "33 deep (the limit is 32)": (nested(33, "object"), "application/json", 400),
     "form": (b"title=x", "application/x-www-form-urlencoded", 415),
     "too large": (HUGE, "application/json", 413),
     "too large, chunked": (HUGE, "application/json", 413),

@@ -315,3 +315,90 @@ def test_uvicorns_send_and_receive_may_be_stepped():
         assert _steppable(cycle.send) and _steppable(cycle.receive)
     assert not _steppable(lambda message: None)
     assert _steppable(FakeServer().send)
+
+
+# -- events committed here: handed to the hub without a read-back ------------------------
+
+
+class FakeBroker:
+    def __init__(self) -> None:
+        self.wakes = 0
+
+    def wake(self) -> None:
+        self.wakes += 1
+
+    def abandon(self) -> None:
+        pass
+
+
+async def hub_with_broker() -> tuple[Hub, FakeBroker, EventStream]:
+    hub = make_hub()
+    hub.broker = broker = FakeBroker()
+    hub.advance(10)
+    stream = live_stream(hub)
+    await stream.wait()
+    while (item := stream.poll()) is PENDING:
+        await stream.wait()
+    assert item is LIVE
+    return hub, broker, stream
+
+
+def drain(stream: EventStream) -> list[int]:
+    ids = []
+    while (item := stream.poll()) is not PENDING:
+        ids.append(item.id)
+    return ids
+
+
+async def test_the_next_committed_event_is_handed_out_without_waking_the_broker():
+    hub, broker, stream = await hub_with_broker()
+    hub.offer(event(12))  # committed second, offered first: one wake-up of the loop for both
+    hub.offer(event(11))
+    await settle()
+    assert drain(stream) == [11, 12]
+    assert hub.horizon == 12 and hub.handed_over == 2 and broker.wakes == 0
+
+
+async def test_an_offer_after_a_gap_wakes_the_broker_and_nothing_repeats():
+    hub, broker, stream = await hub_with_broker()
+    hub.offer(event(12))  # 11 belongs to someone else (another process, or on its way)
+    await settle()
+    assert drain(stream) == [] and hub.horizon == 10 and broker.wakes == 1
+    hub.dispatch([event(11), event(12)])  # what the broker reads
+    hub.offer(event(11))  # a late offer of an event already read is dropped
+    hub.offer(event(13))
+    await settle()
+    assert drain(stream) == [11, 12, 13]
+    assert hub.horizon == 13 and broker.wakes == 1
+
+
+async def test_offers_from_many_threads_arrive_once_and_in_order():
+    import threading
+
+    hub, broker, stream = await hub_with_broker()
+    ids = iter(range(11, 411))
+    lock = threading.Lock()
+
+    def commit_some() -> None:
+        for _ in range(100):
+            with lock:  # ids are taken in commit order, as SQLite's write lock does
+                hub.offer(event(next(ids)))
+
+    threads = [threading.Thread(target=commit_some) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        await asyncio.sleep(0.001)
+    await settle()
+    assert drain(stream) == list(range(11, 411))
+    assert hub.handed_over == 400 and broker.wakes == 0
+
+
+async def test_nothing_is_offered_before_the_broker_runs_and_a_new_loop_starts_clean():
+    hub = make_hub()
+    hub.offer(event(1))  # no broker yet: the broker's first read finds it
+    assert not hub._offered
+    hub.broker = FakeBroker()
+    hub._offer_scheduled = True  # as if an offer's call was lost with an old loop
+    hub._reset_for_loop(asyncio.get_running_loop())
+    assert hub._offer_scheduled is False

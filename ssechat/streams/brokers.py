@@ -66,6 +66,14 @@ def make_broker(hub: Hub):
     return LocalBroker(hub)
 
 
+def _unseen(events: list[StoredEvent], horizon: int) -> list[StoredEvent]:
+    """``events`` (in id order) above ``horizon``: while a read was on its way, the hub
+    may have handed out some of them itself (``Hub.offer``)."""
+    if events and events[0].id <= horizon:
+        return [event for event in events if event.id > horizon]
+    return events
+
+
 class _Backoff:
     def __init__(self, first: float = 0.1, cap: float = 5.0):
         self.first, self.cap, self.delay = first, cap, first
@@ -114,7 +122,7 @@ class LocalBroker:
     async def read_new(self) -> None:
         while True:
             events = await run_db(read_after, self.hub.horizon, READ_BATCH)
-            self.hub.dispatch(events)
+            self.hub.dispatch(_unseen(events, self.hub.horizon))
             if len(events) < READ_BATCH:
                 return
 
@@ -285,13 +293,16 @@ class PostgresBroker:
             if not rows:
                 return
             xmin = int(rows[0][0])
-            events = [StoredEvent(*row[1:]) for row in rows if row[1] is not None]
+            read = [StoredEvent(*row[1:]) for row in rows if row[1] is not None]
+            events = _unseen(read, self.hub.horizon)
+            if self._gap_id is not None and self._gap_id <= self.hub.horizon:
+                self._gap_id = None  # filled, and handed out by Hub.offer meanwhile
             deliverable = self._contiguous(events, xmin)
             self.hub.dispatch(deliverable)
             if self._gap_new:
                 self._gap_bound = await self._xid_bound()
                 self._gap_new = False
-            if len(events) < READ_BATCH or len(deliverable) < len(events):
+            if len(read) < READ_BATCH or len(deliverable) < len(events):
                 return
 
     def _contiguous(self, events: list[StoredEvent], xmin: int) -> list[StoredEvent]:

@@ -78,6 +78,10 @@ OVERFLOW = Signal("overflow")
 _TIMED_OUT = object()
 
 
+def _event_id(event: StoredEvent) -> int:
+    return event.id
+
+
 def _expire(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_result(_TIMED_OUT)
@@ -236,6 +240,10 @@ class Hub:
         self.max_lifetime = settings.SSECHAT_STREAM_MAX_SECONDS
         self.queue_limit = settings.SSECHAT_SUBSCRIBER_QUEUE
         self.dispatched = 0
+        # Events committed by this process, waiting for the loop (see offer()).
+        self._offered: deque[StoredEvent] = deque()
+        self._offer_scheduled = False
+        self.handed_over = 0  # events dispatched from offer() without a read-back
         # Keep-alives and maximum lifetimes: one sweep per tick for the whole hub (no
         # timer per connection). Each connection waits in the wheel's bucket of the tick
         # at or after which something may be due for it; a write only updates a float.
@@ -279,6 +287,8 @@ class Hub:
             self._sweeper.cancel()
             self._sweeper = None
         self._wheel.clear()
+        self._offered.clear()
+        self._offer_scheduled = False
         for conn in list(self.connections):
             conn.closed = True
         self.by_channel.clear()
@@ -301,22 +311,54 @@ class Hub:
             logger.info("shutdown: closing %d open stream(s)", len(self.connections))
             self.close_all("shutdown")
 
-    def poke(self) -> None:
-        """Something was committed: have the broker look for new events. Thread-safe."""
-        broker, loop = self.broker, self.loop
-        if broker is None or loop is None or loop.is_closed():
+    def offer(self, event: StoredEvent) -> None:
+        """This process committed ``event``: hand it out without reading it back.
+        Thread-safe (called after commit, from the committing thread).
+
+        It is dispatched at once if its id is the horizon's next one (then every
+        event up to it has been handed out, so the horizon's promise holds);
+        otherwise the broker is woken to read the log from the horizon. Many
+        commits in a row cost one wake-up of the loop."""
+        loop = self.loop
+        if self.broker is None or loop is None or loop.is_closed():
             return
+        self._offered.append(event)  # deque.append is atomic
+        if self._offer_scheduled:
+            return
+        self._offer_scheduled = True
         try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            broker.wake()
-        else:
-            try:
-                loop.call_soon_threadsafe(broker.wake)
-            except RuntimeError:  # loop closed meanwhile
-                pass
+            loop.call_soon_threadsafe(self._take_offered)
+        except RuntimeError:  # loop closed meanwhile
+            self._offer_scheduled = False
+
+    def _take_offered(self) -> None:
+        # The flag first: an offer made while we drain schedules another call rather
+        # than being left in the deque.
+        self._offer_scheduled = False
+        offered = self._offered
+        if not offered:
+            return
+        events = []
+        while offered:
+            events.append(offered.popleft())
+        if len(events) > 1:
+            events.sort(key=_event_id)
+        ready = []
+        expected = self.horizon + 1
+        for event in events:
+            if event.id < expected:
+                continue  # the broker read it already
+            if event.id != expected:
+                # Someone else's event comes first (another process, or a commit
+                # still on its way here): the broker reads the log from the horizon.
+                if self.broker is not None:
+                    self.broker.wake()
+                break
+            ready.append(event)
+            expected += 1
+        if ready:
+            self.handed_over += len(ready)
+            self.dispatch(ready)
 
     # -- connections -----------------------------------------------------------
     def open(self, channels: Iterable[str], user_id: int | None = None) -> Connection:

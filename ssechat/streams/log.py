@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
@@ -81,7 +82,10 @@ def publish(
     else:
         event = Event(channel=channel, parent=parent, type=event_type, data=data)
         event_id = insert(event, alias).pk
-    transaction.on_commit(get_hub().poke, using=alias)
+    # After commit, the hub gets the event itself: no read back from the database
+    # when nothing else came between (see Hub.offer).
+    stored = StoredEvent(event_id, channel, parent, event_type, data)
+    transaction.on_commit(partial(get_hub().offer, stored), using=alias)
     return event_id
 
 
