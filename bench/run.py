@@ -47,6 +47,7 @@ from pathlib import Path
 from . import report
 from .load import (
     COUNT,
+    HOST,
     IDLE,
     LATENCY,
     Pool,
@@ -352,11 +353,24 @@ async def phase_fanout(
     return {"steps": steps}
 
 
+def hub_counters(port: int) -> dict | None:
+    """ssechat's hub counters (``/healthz`` with SSECHAT_STATS), None for the others."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/healthz", timeout=5) as response:
+            stats = json.loads(response.read()).get("stats") or {}
+    except (OSError, ValueError):
+        return None
+    return stats if "handed_over" in stats else None
+
+
 async def phase_throughput(server: ServerProc, target: Target, headers, request_for, cfg) -> dict:
     group = Subscribers(server.port, target.stream_path, headers, mode=COUNT)
     await group.connect(cfg.throughput_subs)
     await asyncio.sleep(1.0)
     live = group.open_count
+    hub0 = await asyncio.to_thread(hub_counters, server.port)
     cpu0 = server.cpu_seconds()
     own0, wall0 = time.process_time(), time.monotonic()
     start = group.delivered
@@ -378,6 +392,7 @@ async def phase_throughput(server: ServerProc, target: Target, headers, request_
     cpu1 = server.cpu_seconds()
     delivered = group.delivered - start
     group.close()
+    hub1 = await asyncio.to_thread(hub_counters, server.port)
     await asyncio.sleep(1.0)
     result = {
         "subscribers": live,
@@ -393,6 +408,9 @@ async def phase_throughput(server: ServerProc, target: Target, headers, request_
         "server_cpu_pct": round(window_cpu / (wall1 - wall0) * 100, 1),
         "loadgen_cpu_pct": round((own1 - own0) / (wall1 - wall0) * 100, 1),
     }
+    if hub0 and hub1:  # ssechat: events handed from the commit to the hub vs read back
+        result["hub_events"] = hub1["dispatched"] - hub0["dispatched"]
+        result["hub_read_back"] = result["hub_events"] - (hub1["handed_over"] - hub0["handed_over"])
     log(
         f"  {target.key}: {result['deliveries_per_second']} deliveries/s"
         f" ({result['publishes_per_second']} publishes/s), missing {result['missing_after_drain']},"

@@ -114,6 +114,17 @@ class LiveServer:
     def stats(self) -> dict:
         return httpx.get(self.url + "/healthz", timeout=5).json()
 
+    def wait_for_log(self, timeout: float = 5.0) -> None:
+        """Until the server's hub has read every event stored so far (on SQLite it
+        polls for other processes' writes, such as a test's own)."""
+        from ssechat.streams.log import latest_id
+
+        latest = latest_id()
+        deadline = time.monotonic() + timeout
+        while self.stats()["stats"]["horizon"] < latest:
+            assert time.monotonic() < deadline, "the server did not read the event log"
+            time.sleep(0.02)
+
     def signal(self, sig: int) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)

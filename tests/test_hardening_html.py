@@ -178,7 +178,9 @@ def test_pages_and_fragments_escape_user_and_model_text(live_server):
         shown += check(response.text, "htmx read fragment", must_show=(PAYLOADS[1], PAYLOADS[2]))
         assert "javascript:" not in response.text  # an unsafe link is no link at all
         pages += 1
-        # The live feed's HTML fragments (from the start of the log).
+        # The live feed's HTML fragments (from the start of the log, which this test
+        # process wrote: the server has read it once its hub's horizon is there).
+        live_server.wait_for_log()
         parser_events = _html_feed(http)
         for data in parser_events:
             shown += check(data, "feed fragment")

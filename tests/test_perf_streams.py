@@ -12,7 +12,15 @@ import pytest
 from django.test import override_settings
 
 from ssechat.streams.handler import ASGIHandler
-from ssechat.streams.hub import CLOSE, KEEPALIVE_SIGNAL, OVERFLOW, Hub, StoredEvent
+from ssechat.streams.hub import (
+    CLOSE,
+    KEEPALIVE_SIGNAL,
+    OFFER_COALESCE,
+    OFFER_GAP_WAIT,
+    OVERFLOW,
+    Hub,
+    StoredEvent,
+)
 from ssechat.streams.response import EventStreamResponse
 from ssechat.streams.stream import END, LIVE, PENDING, EventStream
 
@@ -217,13 +225,28 @@ async def test_live_events_are_written_by_the_hub_without_waking_the_task():
     # Written during dispatch itself: no event-loop turn happened.
     assert server.sends == sends + 1
     assert server.messages[-1]["body"] == event(1).frame
-    hub.dispatch([event(2), event(3)])  # a client that keeps up: one write per event
+    hub.dispatch([event(2), event(3)])  # a batch of events: one write for all of it
+    assert server.sends == sends + 2
+    assert server.messages[-1]["body"] == event(2).frame + event(3).frame
+    hub.dispatch([event(4)])
     assert server.sends == sends + 3
-    assert [m["body"] for m in server.messages[-2:]] == [event(2).frame, event(3).frame]
+    assert server.messages[-1]["body"] == event(4).frame
     stream.connection.close("test")
     await asyncio.wait_for(task, 2)
     assert server.messages[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
     assert hub.connections == set()
+
+
+async def test_a_big_batch_is_written_in_slices_and_never_overflows_a_stream_that_keeps_up():
+    hub, server = make_hub(SSECHAT_SUBSCRIBER_QUEUE=8), FakeServer()  # wakes every 2 events
+    stream, _, task = await start_stream(hub, server)
+    sends = server.sends
+    hub.dispatch([event(n) for n in range(1, 51)])  # what one read of the log can bring
+    assert server.sends == sends + 25
+    assert server.body() == b"retry: 1000\n\n" + b"".join(event(n).frame for n in range(1, 51))
+    assert stream.position == 50 and not stream.connection.overflowed
+    stream.connection.close("test")
+    await asyncio.wait_for(task, 2)
 
 
 async def test_a_slow_client_gets_everything_in_order_through_the_task():
@@ -359,17 +382,49 @@ async def test_the_next_committed_event_is_handed_out_without_waking_the_broker(
     assert hub.horizon == 12 and hub.handed_over == 2 and broker.wakes == 0
 
 
-async def test_an_offer_after_a_gap_wakes_the_broker_and_nothing_repeats():
+async def test_an_offer_after_a_gap_waits_for_the_missing_one():
     hub, broker, stream = await hub_with_broker()
-    hub.offer(event(12))  # 11 belongs to someone else (another process, or on its way)
+    hub.offer(event(12))  # 11 is another thread's commit, its offer on the way
     await settle()
+    assert drain(stream) == [] and hub.horizon == 10
+    hub.offer(event(11))
+    await settle()
+    assert drain(stream) == [11, 12]
+    assert hub.handed_over == 2 and broker.wakes == 0
+    await asyncio.sleep(OFFER_GAP_WAIT * 2)
+    assert broker.wakes == 0
+
+
+async def test_a_gap_that_stays_wakes_the_broker_and_nothing_repeats():
+    hub, broker, stream = await hub_with_broker()
+    hub.offer(event(12))  # 11 belongs to another process
+    await asyncio.sleep(OFFER_GAP_WAIT * 2)
     assert drain(stream) == [] and hub.horizon == 10 and broker.wakes == 1
     hub.dispatch([event(11), event(12)])  # what the broker reads
     hub.offer(event(11))  # a late offer of an event already read is dropped
     hub.offer(event(13))
     await settle()
     assert drain(stream) == [11, 12, 13]
-    assert hub.horizon == 13 and broker.wakes == 1
+    assert hub.horizon == 13 and broker.wakes == 1 and not hub._early
+
+
+async def test_offers_right_after_a_hand_out_go_out_together_a_moment_later():
+    hub, broker, stream = await hub_with_broker()
+    hub.offer(event(11))
+    await settle()
+    assert drain(stream) == [11]  # a quiet stream of events is not delayed
+    hub.offer(event(12))
+    await settle()
+    hub.offer(event(13))
+    await settle()
+    assert drain(stream) == []  # within OFFER_COALESCE of the last hand-out: they wait
+    await asyncio.sleep(OFFER_COALESCE * 2)
+    assert drain(stream) == [12, 13]
+    await asyncio.sleep(OFFER_COALESCE * 2)
+    hub.offer(event(14))
+    await settle()
+    assert drain(stream) == [14]
+    assert broker.wakes == 0 and hub.handed_over == 4
 
 
 async def test_offers_from_many_threads_arrive_once_and_in_order():

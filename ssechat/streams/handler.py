@@ -396,9 +396,9 @@ class _DirectWriter:
             return
         frames = self.frames
         try:
-            # Called at the first put into an empty mailbox: one item is ready (more
-            # would leave arm() False below, and the task would take them).
-            chunk = frames.pull_one()
+            # Called once the hub has put a batch of events into the mailbox: every
+            # frame ready goes out in one write.
+            chunk = frames.pull()
             if chunk:
                 coro = self.send({"type": "http.response.body", "body": chunk, "more_body": True})
                 try:

@@ -78,8 +78,14 @@ OVERFLOW = Signal("overflow")
 _TIMED_OUT = object()
 
 
-def _event_id(event: StoredEvent) -> int:
-    return event.id
+# How long an event committed here waits for an earlier id before the broker reads
+# the log (see Hub.offer).
+OFFER_GAP_WAIT = 0.02
+# Events this process commits less than this long after the last ones it handed out
+# wait for the rest of that interval, to go out together: at a high publish rate a
+# client then gets a write per interval rather than per event. A quiet stream of
+# events is not delayed.
+OFFER_COALESCE = 0.005
 
 
 def _expire(waiter: asyncio.Future) -> None:
@@ -239,10 +245,17 @@ class Hub:
         self.keepalive = settings.SSECHAT_KEEPALIVE_SECONDS
         self.max_lifetime = settings.SSECHAT_STREAM_MAX_SECONDS
         self.queue_limit = settings.SSECHAT_SUBSCRIBER_QUEUE
+        # Dispatch wakes the streams once per this many events (one write each to their
+        # clients), well below a mailbox's limit so that one that keeps up never overflows.
+        self.wake_batch = max(1, min(64, self.queue_limit // 4))
         self.dispatched = 0
         # Events committed by this process, waiting for the loop (see offer()).
         self._offered: deque[StoredEvent] = deque()
         self._offer_scheduled = False
+        self._early: dict[int, StoredEvent] = {}  # offered, with an id missing before them
+        self._offers_due = 0.0  # loop time before which offers wait (OFFER_COALESCE)
+        self._offer_timer: asyncio.TimerHandle | None = None
+        self._gap_timer: asyncio.TimerHandle | None = None
         self.handed_over = 0  # events dispatched from offer() without a read-back
         # Keep-alives and maximum lifetimes: one sweep per tick for the whole hub (no
         # timer per connection). Each connection waits in the wheel's bucket of the tick
@@ -289,6 +302,12 @@ class Hub:
         self._wheel.clear()
         self._offered.clear()
         self._offer_scheduled = False
+        self._early.clear()
+        self._offers_due = 0.0
+        for timer in (self._gap_timer, self._offer_timer):
+            if timer is not None:
+                timer.cancel()
+        self._gap_timer = self._offer_timer = None
         for conn in list(self.connections):
             conn.closed = True
         self.by_channel.clear()
@@ -316,9 +335,10 @@ class Hub:
         Thread-safe (called after commit, from the committing thread).
 
         It is dispatched at once if its id is the horizon's next one (then every
-        event up to it has been handed out, so the horizon's promise holds);
-        otherwise the broker is woken to read the log from the horizon. Many
-        commits in a row cost one wake-up of the loop."""
+        event up to it has been handed out, so the horizon's promise holds). If
+        an id before it is missing, it waits for that one's offer, and after
+        ``OFFER_GAP_WAIT`` the broker reads the log from the horizon instead.
+        Many commits in a row cost one wake-up of the loop."""
         loop = self.loop
         if self.broker is None or loop is None or loop.is_closed():
             return
@@ -332,33 +352,53 @@ class Hub:
             self._offer_scheduled = False
 
     def _take_offered(self) -> None:
+        loop = self.loop
+        now = loop.time()
+        if now < self._offers_due:
+            # Events handed out less than OFFER_COALESCE ago: the ones offered since
+            # wait until then, to go out together (one write per client for all of
+            # them). Offers made meanwhile only queue (the flag stays set).
+            if self._offer_timer is None:
+                self._offer_timer = loop.call_at(self._offers_due, self._take_offered_late)
+            return
         # The flag first: an offer made while we drain schedules another call rather
         # than being left in the deque.
         self._offer_scheduled = False
-        offered = self._offered
-        if not offered:
-            return
-        events = []
+        offered, early, horizon = self._offered, self._early, self.horizon
         while offered:
-            events.append(offered.popleft())
-        if len(events) > 1:
-            events.sort(key=_event_id)
+            event = offered.popleft()
+            if event.id > horizon:  # else the broker read it already
+                early[event.id] = event
         ready = []
-        expected = self.horizon + 1
-        for event in events:
-            if event.id < expected:
-                continue  # the broker read it already
-            if event.id != expected:
-                # Someone else's event comes first (another process, or a commit
-                # still on its way here): the broker reads the log from the horizon.
-                if self.broker is not None:
-                    self.broker.wake()
+        expected = horizon + 1
+        while early:
+            event = early.pop(expected, None)
+            if event is None:
                 break
             ready.append(event)
             expected += 1
         if ready:
             self.handed_over += len(ready)
+            self._offers_due = now + OFFER_COALESCE
             self.dispatch(ready)
+        if early and self._gap_timer is None:
+            # An id in between is not ours yet: most often another thread's commit
+            # whose offer is on its way; else another process's, which the broker
+            # reads if the gap is still there in a moment.
+            self._gap_timer = self.loop.call_later(OFFER_GAP_WAIT, self._gap_waited)
+        elif not early and self._gap_timer is not None:
+            self._gap_timer.cancel()
+            self._gap_timer = None
+
+    def _take_offered_late(self) -> None:
+        self._offer_timer = None
+        self._take_offered()
+
+    def _gap_waited(self) -> None:
+        self._gap_timer = None
+        if self.broker is not None and any(n > self.horizon for n in self._early):
+            self.broker.wake()  # the broker reads them all from the log
+        self._early.clear()
 
     # -- connections -----------------------------------------------------------
     def open(self, channels: Iterable[str], user_id: int | None = None) -> Connection:
@@ -473,7 +513,16 @@ class Hub:
     # -- delivery --------------------------------------------------------------
     def dispatch(self, events: list[StoredEvent]) -> None:
         """Hand events (in id order, all above the horizon) to their subscribers."""
+        step = self.wake_batch
+        if len(events) > step:  # a mailbox that keeps up must never fill: wake in slices
+            for start in range(0, len(events), step):
+                self.dispatch(events[start : start + step])
+            return
         by_channel = self.by_channel
+        # Waiters are woken once every event is in the mailboxes: a stream that gets
+        # several events of one batch writes them to its client in one go.
+        woken = []
+        wake = woken.append
         for event in events:
             for channel in (event.channel, event.parent) if event.parent else (event.channel,):
                 subs = by_channel.get(channel)
@@ -490,13 +539,15 @@ class Hub:
                     waiter = conn._waiter
                     if waiter is not None:
                         conn._waiter = None
-                        if not waiter.done():
-                            waiter.set_result(None)
+                        wake(waiter)
             if event.channel == CONTROL_CHANNEL:
                 self._control(event)
         if events:
             self.horizon = events[-1].id
             self.dispatched += len(events)
+        for waiter in woken:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def advance(self, horizon: int) -> None:
         if horizon > self.horizon:

@@ -181,21 +181,6 @@ class Frames:
             return None if self.ended else b""
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def pull_one(self) -> bytes | None:
-        """Like ``pull()``, for when at most one item can be ready (a direct write)."""
-        if self._pending is not None or self._poll is None or not self.started:
-            return self.pull()
-        item = self._poll()
-        if item is PENDING:
-            return b""
-        if item is END:
-            self.ended = True
-            return None
-        frame = item if item.__class__ is bytes else item.frame
-        if frame:
-            self.count += 1
-        return frame
-
     def arm(self, waker: Any) -> bool:
         """If nothing is ready, have the source's next item call ``waker.set_result(None)``
         (see EventStream.arm). False: pull, or await ``wait()``."""

@@ -201,6 +201,8 @@ class EventStream:
             if item is not None and not conn.overflowed:  # Connection.take, inlined
                 rest = conn._rest
                 conn._first = rest.popleft() if rest else None
+            elif item is None and not conn.overflowed and not conn.closed:
+                return PENDING  # an empty mailbox (the usual end of a pull)
             else:
                 item = conn.take()
                 if item is None:
