@@ -15,6 +15,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from ssechat.api import ApiError, api_view, parse_json_body
+from ssechat.streams.db import run_db
 
 from . import generation
 from .limits import check_answer_limits, check_message_length, clean_text
@@ -149,13 +150,14 @@ def _post_message(user_id: int, pk: int, content: str) -> tuple[Message, Message
     return user_message, answer, generation.history_for(user_message.pk)
 
 
-@api_view(("POST",))
+@api_view(("POST",), lane=True)
 async def post_message(request: HttpRequest, pk: int) -> HttpResponse:
     body = parse_json_body(request)
     if "content" not in body:
         raise ApiError(400, "'content' is required.", code="invalid_field", field="content")
     content = check_message_length(body["content"])
-    user_message, answer, history = await sync_to_async(_post_message)(request.user.pk, pk, content)
+    # On the stream database pool (a lean-lane view): no per-request thread.
+    user_message, answer, history = await run_db(_post_message, request.user.pk, pk, content)
     generation.launch(answer, history)
     return JsonResponse(
         {

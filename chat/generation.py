@@ -5,7 +5,7 @@ that created it, independent of any stream: closing the tab does not stop it.
 The task reads the model backend's stream a network read at a time (the
 backend parses each read's lines in one go) and appends the text to the answer's
 pending buffer. One flusher per event loop joins the pending text into chunks: a
-chunk is written at most every ``SSECHAT_CHAT_FLUSH_MS`` (50 ms), or sooner
+chunk is written at most every ``SSECHAT_CHAT_FLUSH_MS`` (25 ms), or sooner
 once ``SSECHAT_CHAT_FLUSH_CHARS`` (300) characters are waiting, so a fast model
 does not cost a database write per token. The chunks of all the answers that
 have text at a tick go to the database in ONE transaction (group commit,

@@ -56,7 +56,7 @@ def requests_per_minute() -> int:
 # How generation writes: a chunk is stored and published at most every FLUSH_SECONDS,
 # sooner when FLUSH_CHARS have piled up.
 def flush_seconds() -> float:
-    return chat_setting("SSECHAT_CHAT_FLUSH_MS", 50.0) / 1000.0
+    return chat_setting("SSECHAT_CHAT_FLUSH_MS", 25.0) / 1000.0
 
 
 def flush_chars() -> int:

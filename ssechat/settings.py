@@ -124,6 +124,9 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Django's backend, with this process's writers taking turns on a lock rather than
+    # sleeping in SQLite's busy handler (ssechat/sqlite3/base.py).
+    DATABASES["default"]["ENGINE"] = "ssechat.sqlite3"
     # WAL lets the server read while `manage.py notify` writes; IMMEDIATE makes
     # writers queue on the busy timeout instead of failing with "locked".
     DATABASES["default"]["OPTIONS"] = {
@@ -208,7 +211,7 @@ SSECHAT_CHAT_MAX_ACTIVE_ANSWERS = env_int("SSECHAT_CHAT_MAX_ACTIVE_ANSWERS", 3)
 SSECHAT_CHAT_REQUESTS_PER_MINUTE = env_int("SSECHAT_CHAT_REQUESTS_PER_MINUTE", 30)
 # Generation: a chunk is stored and published every FLUSH_MS, sooner after FLUSH_CHARS;
 # heartbeats every HEARTBEAT_SECONDS; an answer silent for STALE_SECONDS is failed.
-SSECHAT_CHAT_FLUSH_MS = env_float("SSECHAT_CHAT_FLUSH_MS", 50.0)
+SSECHAT_CHAT_FLUSH_MS = env_float("SSECHAT_CHAT_FLUSH_MS", 25.0)
 SSECHAT_CHAT_FLUSH_CHARS = env_int("SSECHAT_CHAT_FLUSH_CHARS", 300)
 SSECHAT_CHAT_HEARTBEAT_SECONDS = env_float("SSECHAT_CHAT_HEARTBEAT_SECONDS", 10.0)
 SSECHAT_CHAT_STALE_SECONDS = env_float("SSECHAT_CHAT_STALE_SECONDS", 30.0)

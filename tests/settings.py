@@ -8,7 +8,7 @@ os.environ.setdefault("SECRET_KEY", "test-secret-key-only-for-the-test-suite")
 from ssechat.settings import *  # noqa: F403
 from ssechat.settings import DATABASES
 
-if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # A file, not memory: the uvicorn servers the tests start read the same database.
     DATABASES["default"]["TEST"] = {
         "NAME": os.path.join(tempfile.gettempdir(), f"ssechat-test-{os.getpid()}.sqlite3")

@@ -422,3 +422,39 @@ async def test_an_earlier_id_held_by_a_younger_xid_is_not_skipped(live_server):
     events = await reader
     assert [int(e.id) for e in events] == ids
     assert [json.loads(e.data)["n"] for e in events] == [1, 2]
+
+
+def test_this_processs_sqlite_writers_take_turns_on_a_lock():
+    """Threads of one process writing at once take turns on the process's lock, not in
+    SQLite's busy handler (which sleeps in steps of up to 100 ms): with SQLite's busy
+    timeout at 0, a writer that met the write lock taken would fail at once."""
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite only")
+    from ssechat.sqlite3.base import write_lock
+
+    lock = write_lock(str(connection.settings_dict["NAME"]))
+    channel = unique("turns")
+    errors: list[Exception] = []
+
+    def writer(n: int) -> None:
+        conn = connections["default"]
+        conn.ensure_connection()
+        conn.connection.execute("PRAGMA busy_timeout = 0")
+        try:
+            for i in range(20):
+                with transaction.atomic():
+                    publish(channel, "tick", {"n": n * 100 + i})
+                    time.sleep(0.002)  # hold the write lock a little
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert Event.objects.filter(channel=channel).count() == 80
+    assert not lock.locked()  # every transaction gave its turn back

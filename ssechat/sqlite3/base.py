@@ -1,0 +1,71 @@
+"""Django's SQLite backend, with this process's write transactions taking turns on a lock.
+
+SQLite has one writer at a time. A transaction that finds the write lock taken
+waits in SQLite's busy handler, which sleeps in steps of up to 100 ms: under a
+burst of writes from several threads (100 chat answers starting while their
+chunks are being stored) a write that would have waited a millisecond sleeps
+tens of them, and every answer's next chunk with it. Here a write transaction
+of this process first takes a lock of the process, which hands the turn over
+as soon as the holder commits. Other processes' writers (``manage.py``) still
+meet SQLite's busy handler, as before.
+
+``ENGINE = "ssechat.sqlite3"``; settings.py uses it for ``sqlite://`` URLs.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from django.db.backends.sqlite3 import base
+
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def write_lock(name: str) -> threading.Lock:
+    """The lock of the database file ``name`` in this process."""
+    with _locks_guard:
+        lock = _locks.get(name)
+        if lock is None:
+            lock = _locks[name] = threading.Lock()
+        return lock
+
+
+class DatabaseWrapper(base.DatabaseWrapper):
+    _holds_write_lock = False
+
+    def _start_transaction_under_autocommit(self) -> None:
+        if self.transaction_mode in ("IMMEDIATE", "EXCLUSIVE") and not self._holds_write_lock:
+            timeout = float(self.settings_dict.get("OPTIONS", {}).get("timeout", 5))
+            # Not acquired in time (a writer stuck): SQLite's busy handler decides, as before.
+            self._holds_write_lock = write_lock(str(self.settings_dict["NAME"])).acquire(
+                timeout=timeout
+            )
+        try:
+            super()._start_transaction_under_autocommit()
+        except BaseException:
+            self._release_write_lock()
+            raise
+
+    def _release_write_lock(self) -> None:
+        if self._holds_write_lock:
+            self._holds_write_lock = False
+            write_lock(str(self.settings_dict["NAME"])).release()
+
+    def _commit(self):
+        try:
+            return super()._commit()
+        finally:
+            self._release_write_lock()
+
+    def _rollback(self):
+        try:
+            return super()._rollback()
+        finally:
+            self._release_write_lock()
+
+    def _close(self):
+        try:
+            return super()._close()
+        finally:
+            self._release_write_lock()
