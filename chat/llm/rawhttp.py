@@ -32,6 +32,11 @@ from .base import split_lines
 
 MAX_HEAD = 64 * 1024  # bytes of status line and headers
 HIGH_WATER = 4 * 1024 * 1024  # body bytes buffered before reading pauses
+# The reading task is woken at most once per this interval while the body streams:
+# a model writing every few milliseconds then costs one wake-up (and one parse of
+# its lines) per interval, not per network read. The answer's chunks are stored
+# every SSECHAT_CHAT_FLUSH_MS (25 ms) anyway; the end and errors wake it at once.
+READ_INTERVAL = 0.01
 
 
 def usable(url: str) -> bool:
@@ -68,6 +73,8 @@ class _Protocol(asyncio.Protocol):
         self.closed = False
         self.last_data = loop.time()
         self.paused = False
+        self.woken_at = -1.0  # loop time of the last wake-up of the reading task
+        self.wake_handle: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks ------------------------------------------------------
 
@@ -92,7 +99,14 @@ class _Protocol(asyncio.Protocol):
             if self.head_size > MAX_HEAD:
                 self._abort(httpx.RemoteProtocolError("The response head is too long."))
                 return
-        self._wake()
+        if self.finished or not self.head.done():
+            self._wake()
+        elif self.wake_handle is None:
+            due = self.woken_at + READ_INTERVAL
+            if self.last_data >= due:
+                self._wake()
+            else:
+                self.wake_handle = self.loop.call_at(due, self._wake_later)
         if self.size > HIGH_WATER and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
@@ -172,6 +186,11 @@ class _Protocol(asyncio.Protocol):
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+            self.woken_at = self.loop.time()
+
+    def _wake_later(self) -> None:
+        self.wake_handle = None
+        self._wake()
 
     # -- the reading side ---------------------------------------------------------
 
