@@ -220,18 +220,6 @@ class FeedFrames:
         return iterate_polled(self, self.stream.close)
 
 
-def feed_frames(
-    stream: EventStream,
-    user_id: int,
-    joined: datetime,
-    *,
-    fmt: str = "json",
-    topics: frozenset[str] | None = None,
-    first: tuple[int, int] | None = None,
-) -> FeedFrames:
-    return FeedFrames(stream, user_id, joined, fmt, topics, first)
-
-
 @event_stream_view
 async def notification_stream(request: HttpRequest) -> HttpResponse:
     user = await request.auser()
@@ -243,7 +231,7 @@ async def notification_stream(request: HttpRequest) -> HttpResponse:
     stream = EventStream(
         [user_channel(user.pk), BROADCAST_CHANNEL], resume_id(request), user_id=user.pk
     )
-    frames = feed_frames(
+    frames = FeedFrames(
         stream, user.pk, user.date_joined, fmt=fmt, topics=topics,
         first=getattr(request, "stream_prefetch", None),
     )  # fmt: skip

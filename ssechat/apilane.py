@@ -52,6 +52,29 @@ Receive = Callable[[], Awaitable[dict]]
 FullPath = Callable[[dict, Receive, Callable], Awaitable[None]]
 
 
+class BodyTooLarge(Exception):
+    """The request body went past the limit; ``body`` is what was read."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__(f"request body over {len(body)} bytes")
+        self.body = body
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body; None if the client disconnected first. Raises
+    BodyTooLarge as soon as more than ``limit`` bytes have come."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise BodyTooLarge(bytes(body))
+        if not message.get("more_body", False):
+            return bytes(body)
+
+
 def replay(body: bytes, receive: Receive) -> Receive:
     """A ``receive`` that hands out an already read body first, then the real one."""
     pending = [{"type": "http.request", "body": body, "more_body": False}]
@@ -104,18 +127,13 @@ class ApiLane:
 
     async def handle(self, handler: Any, scope: dict, receive: Receive, send, match) -> None:
         """Answer the request, or pass it to Django's full path (``handler.handle_django``)."""
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.limit:  # more than Content-Length said: let Django judge
-                await handler.handle_django(scope, replay(bytes(body), receive), send)
-                return
-            if not message.get("more_body", False):
-                break
-        body = bytes(body)
+        try:
+            body = await read_body(receive, self.limit)
+        except BodyTooLarge as exc:  # more than Content-Length said: let Django judge
+            await handler.handle_django(scope, replay(exc.body, receive), send)
+            return
+        if body is None:
+            return
         response = await self.get_response(handler, scope, body, match)
         if response is None:
             await handler.handle_django(scope, replay(body, receive), send)

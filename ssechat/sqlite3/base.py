@@ -33,14 +33,15 @@ def write_lock(name: str) -> threading.Lock:
 
 class DatabaseWrapper(base.DatabaseWrapper):
     _holds_write_lock = False
+    _write_lock: threading.Lock | None = None
 
     def _start_transaction_under_autocommit(self) -> None:
         if self.transaction_mode in ("IMMEDIATE", "EXCLUSIVE") and not self._holds_write_lock:
+            if self._write_lock is None:
+                self._write_lock = write_lock(str(self.settings_dict["NAME"]))
             timeout = float(self.settings_dict.get("OPTIONS", {}).get("timeout", 5))
             # Not acquired in time (a writer stuck): SQLite's busy handler decides, as before.
-            self._holds_write_lock = write_lock(str(self.settings_dict["NAME"])).acquire(
-                timeout=timeout
-            )
+            self._holds_write_lock = self._write_lock.acquire(timeout=timeout)
         try:
             super()._start_transaction_under_autocommit()
         except BaseException:
@@ -50,7 +51,7 @@ class DatabaseWrapper(base.DatabaseWrapper):
     def _release_write_lock(self) -> None:
         if self._holds_write_lock:
             self._holds_write_lock = False
-            write_lock(str(self.settings_dict["NAME"])).release()
+            self._write_lock.release()
 
     def _commit(self):
         try:

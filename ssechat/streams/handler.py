@@ -32,7 +32,7 @@ from django.core.handlers.asgi import get_script_prefix
 from django.urls import set_script_prefix
 
 from ssechat.api import json_error
-from ssechat.apilane import ApiLane
+from ssechat.apilane import ApiLane, BodyTooLarge, read_body
 
 from .db import spawn
 from .fastlane import FastLane
@@ -170,19 +170,15 @@ class ASGIHandler(DjangoASGIHandler):
         """
         if isinstance(match, list):
             match = match.pop()
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
-                await self.send_response(json_error(413, "too_large", "Body too large."), send)
-                return
-            if not message.get("more_body", False):
-                break
+        try:
+            body = await read_body(receive, settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
+        except BodyTooLarge:
+            await self.send_response(json_error(413, "too_large", "Body too large."), send)
+            return
+        if body is None:
+            return
         set_script_prefix(get_script_prefix(scope))
-        request, response = await self.fastlane.get_response(self, scope, bytes(body), match)
+        request, response = await self.fastlane.get_response(self, scope, body, match)
         # A long-lived stream keeps neither the request, its resolver match nor the response.
         del request, match
         if isinstance(response, EventStreamResponse):
