@@ -480,8 +480,10 @@ def test_too_many_answers_at_once_is_429(proxy_server, fake, token, alice):
             )
         assert info.value.code == "rate_limit_exceeded"
         assert info.value.response.headers["retry-after"] == "1"
-    # Only the first request was stored.
+    # Only the first request was stored, and it ends (cancelled) once its client left.
     assert Conversation.objects.filter(owner=alice).count() == 1
+    first = answer_of(Conversation.objects.get(owner=alice))
+    assert wait_until_finished(first.pk).status == "cancelled"
 
 
 def test_upstream_down_is_502(proxy_server, fake, token, alice):
