@@ -612,6 +612,14 @@ def test_conversation_list_new_rename_delete(live_server, browser_context, alice
     screenshot(page, "chat-sidebar-hover")
     item.locator(".rename-btn").click()
     page.fill(".rename-input", "Renamed <b>chat</b>")
+    # The list reloads while the title is being typed (as when an answer ends or the
+    # window gets the focus): the edit goes on with what was typed.
+    page.evaluate("document.querySelector('.rename-input').dataset.before = '1'")
+    page.evaluate("window.dispatchEvent(new Event('focus'))")
+    rerendered = page.locator(".rename-input:not([data-before])")
+    expect(rerendered).to_have_count(1)
+    expect(rerendered).to_have_value("Renamed <b>chat</b>")
+    expect(rerendered).to_be_focused()
     page.press(".rename-input", "Enter")
     expect(item.locator(".title")).to_have_text("Renamed <b>chat</b>")
     expect(page.locator("#chat-title")).to_have_text("Renamed <b>chat</b>")

@@ -907,10 +907,14 @@
   }
 
   var renaming = null;
+  var rendering = false;
   function renderList() {
     var list = state.conversations.slice().sort(function (a, b) {
       return (Date.parse(b.updated_at) || 0) - (Date.parse(a.updated_at) || 0) || b.id - a.id;
     });
+    // A list update (another tab, an answer's end) may come while a title is being
+    // edited: the new input keeps what was typed so far, and its caret.
+    var typing = renaming ? els.list.querySelector(".rename-input") : null;
     var frag = document.createDocumentFragment();
     var bucket = null;
     list.forEach(function (c) {
@@ -923,11 +927,23 @@
       }
       frag.appendChild(listItem(c));
     });
-    els.list.replaceChildren(frag);
+    rendering = true; // the old input's blur on removal is not the end of an edit
+    try {
+      els.list.replaceChildren(frag);
+    } finally {
+      rendering = false;
+    }
     els.listEmpty.hidden = list.length > 0;
     if (renaming) {
       var input = els.list.querySelector(".rename-input");
-      if (input) input.focus();
+      if (input) {
+        if (typing) {
+          input.value = typing.value;
+          input.dataset.kept = "1";
+          input.setSelectionRange(typing.selectionStart, typing.selectionEnd);
+        }
+        input.focus();
+      }
     }
   }
 
@@ -955,10 +971,10 @@
         }
       });
       input.addEventListener("blur", function () {
-        if (renaming === c.id) finishRename(c, input.value);
+        if (renaming === c.id && !rendering) finishRename(c, input.value);
       });
       setTimeout(function () {
-        input.select();
+        if (!input.dataset.kept) input.select();
       }, 0);
       li.appendChild(form);
       return li;
@@ -1000,8 +1016,18 @@
     return li;
   }
 
+  function conversationById(id, fallback) {
+    return (
+      state.conversations.find(function (x) {
+        return x.id === id;
+      }) || fallback
+    );
+  }
+
   async function finishRename(c, value) {
     renaming = null;
+    // The list may have been reloaded since the edit began: change the entry it has now.
+    c = conversationById(c.id, c);
     var title = value.replace(/\s+/g, " ").trim();
     if (!title || title === c.title) {
       renderList();
@@ -1016,8 +1042,10 @@
     }
     try {
       var updated = await api.rename(c.id, title);
+      c = conversationById(c.id, c);
       Object.assign(c, updated);
     } catch (err) {
+      c = conversationById(c.id, c);
       c.title = old;
       toast(err.message || "Could not rename the conversation.", "error");
     }
