@@ -267,7 +267,7 @@ def run_chat(cfg, log, target=None) -> dict:
     if target is None:
         target = next(t for t in bench.make_targets(cfg.ssechat_feed) if t.key == "ssechat")
     steps = (cfg.chat_answers,) if cfg.chat_answers else ((30,) if cfg.quick else (10, 100))
-    tokens_n = 1000 if cfg.quick else 2000
+    tokens_n = cfg.chat_tokens or (1000 if cfg.quick else 2000)
     rate = 1000.0
     backend = cfg.chat_backend
     up_port = free_port()
@@ -295,15 +295,17 @@ def run_chat(cfg, log, target=None) -> dict:
         for n in steps:
             log(f"chat: {n} answers of {tokens_n} tokens at {rate:.0f} tokens/s each ({backend})")
             before = _count_events(env, 0).get("delta", 0)
-            cpu0 = server.cpu_seconds()
+            cpu0, sys0 = server.cpu_seconds(), server.system_cpu_seconds()
             started = time.monotonic()
             profiled = cfg.profile and n == steps[-1]
             with bench.Profiler(server.pid, "ssechat-chat", profiled):
                 answers = bench.run(drive(server.port, tokens[:n], timeout=180))
                 seconds = time.monotonic() - started
                 cpu = server.cpu_seconds() - cpu0
+                system = server.system_cpu_seconds() - sys0
             stored = _count_events(env, 0).get("delta", 0) - before
             result = summarize(answers, seconds, cpu, stored)
+            result["system_cpu_share_pct"] = round(100 * system / cpu, 1) if cpu else None
             results.append(result)
             log(
                 f"  chat: {result['complete']}/{n} complete, added p50/p99 "
@@ -312,6 +314,7 @@ def run_chat(cfg, log, target=None) -> dict:
                 f" {result['writes_per_answer']} writes/answer,"
                 f" {result['cpu_ms_per_1000_tokens']} ms CPU/1,000 tokens,"
                 f" server CPU {result['server_cpu_pct']}%"
+                f" ({result['system_cpu_share_pct']}% of it in the kernel)"
             )
             time.sleep(1.0)
     finally:

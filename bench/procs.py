@@ -112,6 +112,10 @@ class ServerProc:
         times = self.ps.cpu_times()
         return times.user + times.system
 
+    def system_cpu_seconds(self) -> float:
+        """The kernel's part of :meth:`cpu_seconds` (system calls, thread wake-ups)."""
+        return self.ps.cpu_times().system
+
     def threads(self) -> int:
         return self.ps.num_threads()
 

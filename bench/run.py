@@ -102,6 +102,7 @@ class Config:
     server_env: dict = field(default_factory=dict)
     chat_backend: str = "ollama"
     chat_answers: int = 0
+    chat_tokens: int = 0
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ssechat-bench-")))
 
     @classmethod
@@ -553,8 +554,10 @@ class Profiler:
     <name>.summary.txt (self and inclusive time per function, bench.profile_summary).
     """
 
-    def __init__(self, pid: int, name: str, enabled: bool, rate: int = 100):
-        self.pid, self.name, self.enabled, self.rate = pid, name, enabled, rate
+    rate = 100  # samples a second (--profile-rate)
+
+    def __init__(self, pid: int, name: str, enabled: bool):
+        self.pid, self.name, self.enabled = pid, name, enabled
         self.proc: subprocess.Popen | None = None
         self.out = RESULTS / "profiles" / f"{name}.txt"
 
@@ -725,6 +728,7 @@ def parse_args(argv: list[str] | None) -> Config:
                         "ssechat,pg,chat (comma-separated)")  # fmt: skip
     parser.add_argument("--phases", default="", help="connect,fanout,throughput,resume,idle")
     parser.add_argument("--profile", action="store_true", help="py-spy the ssechat server")
+    parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples a second")
     parser.add_argument("--ssechat-feed", default="auto", choices=("auto", "notifications", "core"))
     parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL of the ssechat server")
     parser.add_argument("--idle-streams", type=int, default=None)
@@ -733,6 +737,7 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment for the ssechat servers (repeatable)")  # fmt: skip
     parser.add_argument("--chat-answers", type=int, default=0, help="answers at once (chat)")
+    parser.add_argument("--chat-tokens", type=int, default=0, help="tokens an answer (chat)")
     parser.add_argument("--chat-backend", default="ollama", choices=("ollama", "openai"))
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
@@ -746,11 +751,13 @@ def parse_args(argv: list[str] | None) -> Config:
     if args.publishers:
         cfg.throughput_publishers = args.publishers
     cfg.profile = args.profile
+    Profiler.rate = args.profile_rate
     cfg.ssechat_feed = args.ssechat_feed
     cfg.log_level = args.log_level
     cfg.plot = not args.no_plot
     cfg.chat_answers = args.chat_answers
     cfg.chat_backend = args.chat_backend
+    cfg.chat_tokens = args.chat_tokens
     cfg.server_env = dict(item.split("=", 1) for item in args.server_env)
     return cfg
 
