@@ -296,6 +296,7 @@ def run_chat(cfg, log, target=None) -> dict:
             log(f"chat: {n} answers of {tokens_n} tokens at {rate:.0f} tokens/s each ({backend})")
             before = _count_events(env, 0).get("delta", 0)
             cpu0, sys0 = server.cpu_seconds(), server.system_cpu_seconds()
+            load0 = time.process_time() + _cpu_of(upstream.pid)
             started = time.monotonic()
             profiled = cfg.profile and n == steps[-1]
             with bench.Profiler(server.pid, "ssechat-chat", profiled):
@@ -303,9 +304,13 @@ def run_chat(cfg, log, target=None) -> dict:
                 seconds = time.monotonic() - started
                 cpu = server.cpu_seconds() - cpu0
                 system = server.system_cpu_seconds() - sys0
+                load_cpu = time.process_time() + _cpu_of(upstream.pid) - load0
             stored = _count_events(env, 0).get("delta", 0) - before
             result = summarize(answers, seconds, cpu, stored)
             result["system_cpu_share_pct"] = round(100 * system / cpu, 1) if cpu else None
+            # The upstream and the clients share the load generator's core: near 100%,
+            # they, not the server, would be adding latency.
+            result["load_cpu_pct"] = round(100 * load_cpu / seconds, 1) if seconds else None
             results.append(result)
             log(
                 f"  chat: {result['complete']}/{n} complete, added p50/p99 "
@@ -314,7 +319,8 @@ def run_chat(cfg, log, target=None) -> dict:
                 f" {result['writes_per_answer']} writes/answer,"
                 f" {result['cpu_ms_per_1000_tokens']} ms CPU/1,000 tokens,"
                 f" server CPU {result['server_cpu_pct']}%"
-                f" ({result['system_cpu_share_pct']}% of it in the kernel)"
+                f" ({result['system_cpu_share_pct']}% of it in the kernel),"
+                f" load generator CPU {result['load_cpu_pct']}%"
             )
             time.sleep(1.0)
     finally:
@@ -333,6 +339,13 @@ def run_chat(cfg, log, target=None) -> dict:
         "steps": results,
         **results[-1],
     }
+
+
+def _cpu_of(pid: int) -> float:
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def _count_events(env: dict, after: int) -> dict:

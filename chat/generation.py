@@ -37,7 +37,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from ssechat.streams.db import run_db, spawn
-from ssechat.streams.log import publish
+from ssechat.streams.log import publish, publish_many
 
 from . import limits, recovery
 from .llm import LLMError, Usage, get_backend
@@ -185,16 +185,23 @@ def write_chunks(chunks: list[tuple[int, int, str]]) -> set[int]:
             query = query.select_for_update().order_by("pk")
         streaming = set(query.values_list("pk", flat=True))
         now = conn.ops.adapt_datetimefield_value(timezone.now())
-        rows = []
-        for message_id, conversation_id, text in chunks:
-            if message_id in streaming:
-                event_id = publish(
+        kept = [chunk for chunk in chunks if chunk[0] in streaming]
+        # Every chunk its own delta event, in order, stored together.
+        event_ids = publish_many(
+            [
+                (
                     message_channel(message_id),
                     "delta",
                     {"message_id": message_id, "text": text},
-                    parent=conversation_channel(conversation_id),
+                    conversation_channel(conversation_id),
                 )
-                rows.append((text, event_id, message_id))
+                for message_id, conversation_id, text in kept
+            ]
+        )
+        rows = [
+            (text, event_id, message_id)
+            for (message_id, _, text), event_id in zip(kept, event_ids, strict=True)
+        ]
         if rows:
             with conn.cursor() as cursor:
                 for start in range(0, len(rows), _UPDATE_BATCH):

@@ -458,3 +458,44 @@ def test_this_processs_sqlite_writers_take_turns_on_a_lock():
     assert errors == []
     assert Event.objects.filter(channel=channel).count() == 80
     assert not lock.locked()  # every transaction gave its turn back
+
+
+def test_publish_many_stores_in_order_and_hands_out_after_commit(monkeypatch):
+    from ssechat.streams import log
+
+    offered = []
+    monkeypatch.setattr(log, "_offer_all", offered.extend)
+    events = [
+        ("c-a", "delta", {"text": "one"}, "parent-a"),
+        ("c-b", "delta", {"text": "two"}, ""),
+        ("c-a", "done", {"n": 3}, ""),
+    ]
+    with transaction.atomic():
+        ids = log.publish_many(events)
+        assert offered == []  # not before the commit
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    rows = list(Event.objects.filter(id__in=ids).order_by("id"))
+    assert [(r.id, r.channel, r.type, json.loads(r.data), r.parent) for r in rows] == [
+        (i, c, t, p, parent) for i, (c, t, p, parent) in zip(ids, events, strict=True)
+    ]
+    assert all(r.created_at is not None for r in rows)
+    assert [(e.id, e.channel, e.parent, e.type) for e in offered] == [
+        (i, c, parent, t) for i, (c, t, _, parent) in zip(ids, events, strict=True)
+    ]
+    assert [e.data for e in offered] == [r.data for r in rows]
+
+    # More rows than one INSERT takes, and a rolled-back batch stores and offers nothing.
+    many = [("c-many", "tick", {"n": n}, "") for n in range(log._MANY_BATCH + 7)]
+    offered.clear()
+    with pytest.raises(RuntimeError), transaction.atomic():
+        log.publish_many(many)
+        raise RuntimeError("roll back")
+    assert offered == [] and not Event.objects.filter(channel="c-many").exists()
+    ids = log.publish_many(many)
+    stored = Event.objects.filter(channel="c-many").order_by("id")
+    assert [json.loads(e.data)["n"] for e in stored] == list(range(len(many)))
+    assert list(stored.values_list("id", flat=True)) == ids
+    assert [e.id for e in offered] == ids
+    with pytest.raises(ValueError):
+        log.publish_many([("", "tick", {}, "")])
+    assert log.publish_many([]) == []

@@ -9,6 +9,11 @@ of this process first takes a lock of the process, which hands the turn over
 as soon as the holder commits. Other processes' writers (``manage.py``) still
 meet SQLite's busy handler, as before.
 
+It also remembers each query's conversion from Django's ``%s`` placeholders to
+SQLite's ``?`` (a regular expression over the whole query, through a lazy
+object, at every execution): the same queries run again and again (a stream
+connect's session lookup, a chat tick's writes).
+
 ``ENGINE = "ssechat.sqlite3"``; settings.py uses it for ``sqlite://`` URLs.
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 import threading
 
 from django.db.backends.sqlite3 import base
+from django.utils.asyncio import async_unsafe
 
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
@@ -31,9 +37,32 @@ def write_lock(name: str) -> threading.Lock:
         return lock
 
 
+_MAX_CONVERTED = 2048  # queries remembered (the dict empties itself past that)
+_MAX_CONVERTED_LENGTH = 4096  # longer queries (long IN lists) are converted each time
+_converted: dict[str, str] = {}
+
+
+class SQLiteCursorWrapper(base.SQLiteCursorWrapper):
+    def convert_query(self, query, *, param_names=None):
+        if param_names is not None:
+            return super().convert_query(query, param_names=param_names)
+        converted = _converted.get(query)
+        if converted is None:
+            converted = super().convert_query(query)
+            if len(query) <= _MAX_CONVERTED_LENGTH:
+                if len(_converted) >= _MAX_CONVERTED:
+                    _converted.clear()
+                _converted[query] = converted
+        return converted
+
+
 class DatabaseWrapper(base.DatabaseWrapper):
     _holds_write_lock = False
     _write_lock: threading.Lock | None = None
+
+    @async_unsafe
+    def create_cursor(self, name=None):
+        return self.connection.cursor(factory=SQLiteCursorWrapper)
 
     def _start_transaction_under_autocommit(self) -> None:
         if self.transaction_mode in ("IMMEDIATE", "EXCLUSIVE") and not self._holds_write_lock:
