@@ -499,3 +499,25 @@ def test_publish_many_stores_in_order_and_hands_out_after_commit(monkeypatch):
     with pytest.raises(ValueError):
         log.publish_many([("", "tick", {}, "")])
     assert log.publish_many([]) == []
+
+
+def test_sqlite_placeholder_conversions_are_remembered():
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite only")
+    from django.db.backends.sqlite3.base import SQLiteCursorWrapper as DjangoCursor
+
+    from ssechat.sqlite3 import base
+
+    query = "SELECT %s, '%%s', %s WHERE 1 = %s"
+    with connection.cursor() as cursor:
+        cursor.execute(query, [1, 2, 1])
+        assert cursor.fetchone() == (1, "%s", 2)
+    assert (
+        base._converted[query]
+        == DjangoCursor.convert_query(None, query)
+        == ("SELECT ?, '%s', ? WHERE 1 = ?")
+    )
+    with connection.cursor() as cursor:  # named parameters are not remembered
+        cursor.execute("SELECT %(a)s", {"a": 5})
+        assert cursor.fetchone() == (5,)
+    assert "SELECT %(a)s" not in base._converted
