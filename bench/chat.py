@@ -138,6 +138,8 @@ class AnswerStream(asyncio.Protocol):
                     data.append(line[5:].strip())
             if event == "delta":
                 text = json.loads(b"\n".join(data))["text"]
+                if not self.answer.first_delta_at:
+                    self.answer.first_delta_at = now
                 self.answer.deltas += 1
                 self.answer.tokens += text.count(" ")
                 for stamp in STAMP.findall(text):
@@ -171,6 +173,7 @@ class Answer:
         self.stamps: list[int] = []  # when each stamp was written upstream (monotonic ns)
         self.done: dict | None = None
         self.posted_at = 0
+        self.first_delta_at = 0
         self.done_at = 0
         self.error = ""
 
@@ -232,10 +235,23 @@ def summarize(answers: list[Answer], seconds: float, cpu: float, stored_deltas: 
         for stamp, x in zip(a.stamps, a.latencies, strict=True)
         if stamp >= all_streaming
     )
+    # p99 per quarter second of upstream time, from the first stamp: the start (answers'
+    # requests, stream connects) against the rest.
+    first = min((a.stamps[0] for a in answers if a.stamps), default=0)
+    slices: dict[int, list[float]] = {}
+    for a in answers:
+        for stamp, x in zip(a.stamps, a.latencies, strict=True):
+            slices.setdefault((stamp - first) // 250_000_000, []).append(x / 1e6)
+    timeline = [
+        round(percentile(sorted(slices[k]), 99), 1) for k in sorted(slices) if len(slices[k]) > 9
+    ]
     complete = [a for a in answers if a.done and a.done.get("status") == "complete"]
     tokens = sum(a.tokens for a in answers)
     deltas = [a.deltas for a in answers if a.done]
     durations = sorted((a.done_at - a.posted_at) / 1e9 for a in complete)
+    # From the message POST to the answer's first text at the client (the upstream
+    # answers at once): what a burst of answers costs the last ones to start.
+    first_text = sorted((a.first_delta_at - a.posted_at) / 1e6 for a in answers if a.first_delta_at)
     return {
         "answers": len(answers),
         "complete": len(complete),
@@ -254,6 +270,9 @@ def summarize(answers: list[Answer], seconds: float, cpu: float, stored_deltas: 
         "cpu_seconds": round(cpu, 2),
         "server_cpu_pct": round(cpu / seconds * 100, 1) if seconds else None,
         "cpu_ms_per_1000_tokens": round(cpu / tokens * 1e6, 1) if tokens else None,
+        "added_p99_per_quarter_second_ms": timeline,
+        "first_text_p50_ms": round(percentile(first_text, 50), 1) if first_text else None,
+        "first_text_max_ms": round(first_text[-1], 1) if first_text else None,
         "answer_seconds_p50": round(percentile(durations, 50), 2) if durations else None,
     }
 
@@ -312,6 +331,11 @@ def run_chat(cfg, log, target=None) -> dict:
             # they, not the server, would be adding latency.
             result["load_cpu_pct"] = round(100 * load_cpu / seconds, 1) if seconds else None
             results.append(result)
+            log(
+                f"  chat: p99 per 0.25 s: {result['added_p99_per_quarter_second_ms']};"
+                f" first text p50/max {result['first_text_p50_ms']}/"
+                f"{result['first_text_max_ms']} ms"
+            )
             log(
                 f"  chat: {result['complete']}/{n} complete, added p50/p99 "
                 f"{result['added_p50_ms']}/{result['added_p99_ms']} ms"

@@ -15,7 +15,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from ssechat.api import ApiError, api_view, parse_json_body
-from ssechat.streams.db import run_db
+from ssechat.streams.db import run_db_request
 
 from . import generation
 from .limits import check_answer_limits, check_message_length, clean_text
@@ -157,7 +157,9 @@ async def post_message(request: HttpRequest, pk: int) -> HttpResponse:
         raise ApiError(400, "'content' is required.", code="invalid_field", field="content")
     content = check_message_length(body["content"])
     # On the stream database pool (a lean-lane view): no per-request thread.
-    user_message, answer, history = await run_db(_post_message, request.user.pk, pk, content)
+    user_message, answer, history = await run_db_request(
+        _post_message, request.user.pk, pk, content
+    )
     generation.launch(answer, history)
     return JsonResponse(
         {

@@ -13,8 +13,10 @@ import contextvars
 import functools
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
 from django.conf import settings
@@ -24,18 +26,140 @@ logger = logging.getLogger("ssechat.streams")
 
 T = TypeVar("T")
 
-_executor: ThreadPoolExecutor | None = None
+# Work that waits behind stream work (see run_db_request): how much later than its
+# arrival it counts as due. Under a burst of requests (100 chat messages at once) the
+# streams opened meanwhile are served first; a request never waits longer than this
+# beyond what it would have waited in plain arrival order.
+REQUEST_DELAY = 1.0
+# Threads that may run requests' work at once (never all of them).
+# One: on SQLite they take turns on the write lock anyway, and each one more running
+# at once is one more thread taking the GIL from the streams and the chat's writer.
+REQUEST_THREADS = 1
+
+_Item = tuple[float, Future, Callable[[], Any]]
+
+
+class DatabasePool(Executor):
+    """Threads for database work, each keeping its connection, that take stream work
+    before requests' work.
+
+    A ``ThreadPoolExecutor`` serves in arrival order: a stream opened just after a
+    burst of 100 chat messages waited until every message was stored, and every
+    token of the answers that had started meanwhile with it. Here a waiting call
+    is due when it arrives, a request's ``REQUEST_DELAY`` later, and the call due
+    first goes first; requests' work holds at most all threads but one, so stream
+    work finds a thread without waiting for a request to end.
+    """
+
+    def __init__(self, max_workers: int, name: str) -> None:
+        self._max_workers = max_workers
+        self._name = name
+        self._streams: deque[_Item] = deque()  # each deque is in order of due time
+        self._requests: deque[_Item] = deque()
+        self._request_threads = max(1, min(max_workers - 1, REQUEST_THREADS))
+        self._running_requests = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._shutdown = False
+        # As concurrent.futures does: before the interpreter joins its threads, the
+        # workers finish what is queued and return (an idle one would wait for ever).
+        threading._register_atexit(self.shutdown)  # type: ignore[attr-defined]
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future:
+        return self.submit_call(functools.partial(fn, *args, **kwargs))
+
+    def submit_call(self, call: Callable[[], T], *, request: bool = False) -> Future:
+        """Run ``call`` on a thread (``request``: as a request's work)."""
+        future: Future = Future()
+        with self._cond:
+            if self._shutdown:
+                raise RuntimeError("the database pool is shut down")
+            if request:
+                self._requests.append((time.monotonic() + REQUEST_DELAY, future, call))
+            else:
+                self._streams.append((time.monotonic(), future, call))
+            if self._idle:
+                self._cond.notify()
+            # A worker notified but not yet awake still counts as idle, and takes one of
+            # the waiting calls: a thread more only when they outnumber the idle ones.
+            waiting = len(self._streams) + len(self._requests)
+            if waiting > self._idle and len(self._threads) < self._max_workers:
+                thread = threading.Thread(
+                    target=self._work, name=f"{self._name}_{len(self._threads)}"
+                )
+                self._threads.append(thread)
+                thread.start()
+        return future
+
+    def _next(self) -> tuple[_Item, bool] | None:
+        """The call to run now and whether it is a request's (under the lock)."""
+        streams, requests = self._streams, self._requests
+        request_ok = requests and self._running_requests < self._request_threads
+        if streams and not (request_ok and requests[0][0] < streams[0][0]):
+            return streams.popleft(), False
+        if request_ok:
+            return requests.popleft(), True
+        return None
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while (found := self._next()) is None:
+                    if self._shutdown and not self._streams and not self._requests:
+                        return
+                    self._idle += 1
+                    try:
+                        self._cond.wait()
+                    finally:
+                        self._idle -= 1
+                (_, future, call), request = found
+                if request:
+                    self._running_requests += 1
+            try:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        result = call()
+                    except BaseException as exc:
+                        future.set_exception(exc)
+                        del exc
+                    else:
+                        future.set_result(result)
+            finally:
+                del future, call
+                if request:
+                    with self._cond:
+                        self._running_requests -= 1
+                        if self._requests:
+                            self._cond.notify()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._cond:
+            self._shutdown = True
+            if cancel_futures:
+                for _, future, _ in (*self._streams, *self._requests):
+                    future.cancel()
+                self._streams.clear()
+                self._requests.clear()
+            self._cond.notify_all()
+            threads = list(self._threads)
+        if wait:
+            for thread in threads:
+                if thread is not threading.current_thread():
+                    thread.join()
+
+
+_executor: DatabasePool | None = None
 _executor_lock = threading.Lock()
 
 
-def _get_executor() -> ThreadPoolExecutor:
+def _get_executor() -> DatabasePool:
     global _executor
     if _executor is None:
         with _executor_lock:
             if _executor is None:
-                _executor = ThreadPoolExecutor(
-                    max_workers=max(1, settings.SSECHAT_STREAM_DB_THREADS),
-                    thread_name_prefix="ssechat-db",
+                _executor = DatabasePool(
+                    max(1, settings.SSECHAT_STREAM_DB_THREADS), name="ssechat-db"
                 )
     return _executor
 
@@ -62,10 +186,18 @@ async def run_db(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
 
     Each call is its own transaction (autocommit) unless ``fn`` opens one.
     """
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(
-        _get_executor(), functools.partial(_call_with_retry, fn, args, kwargs)
+    future = _get_executor().submit_call(functools.partial(_call_with_retry, fn, args, kwargs))
+    return await asyncio.wrap_future(future)
+
+
+async def run_db_request(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """:func:`run_db` for the work of an API request (storing a chat message, a
+    notification): it waits behind the work of streams (opening, catching up) that
+    arrived up to ``REQUEST_DELAY`` later."""
+    future = _get_executor().submit_call(
+        functools.partial(_call_with_retry, fn, args, kwargs), request=True
     )
+    return await asyncio.wrap_future(future)
 
 
 _background: set[asyncio.Task] = set()
