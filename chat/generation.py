@@ -9,12 +9,14 @@ chunk is written at most every ``SSECHAT_CHAT_FLUSH_MS`` (25 ms), or sooner
 once ``SSECHAT_CHAT_FLUSH_CHARS`` (300) characters are waiting, so a fast model
 does not cost a database write per token. The chunks of all the answers that
 have text at a tick go to the database in ONE transaction (group commit,
-``write_chunks``): each chunk still publishes its own ``delta`` event and
-appends its text to ``Message.content`` of an answer that is still
-``streaming`` (the rows are read, locked on PostgreSQL, in that transaction):
-the joined deltas equal the content exactly, and an answer that was cancelled
-(from any process) or failed by recovery stops at its next chunk, reading no
-more of the model.
+``write_chunks``): each chunk still publishes its own ``delta`` event for an
+answer that is still ``streaming`` (the rows are read, locked on PostgreSQL,
+in that transaction), and about once a second (``SSECHAT_CHAT_SAVE_MS``) the
+text published since is appended to ``Message.content``, with
+``last_event_id`` (the deltas after it are in the event log, and the answer's
+end appends them). When the answer ends, the joined deltas equal the content
+exactly; an answer that was cancelled (from any process) or failed by
+recovery stops at its next chunk, reading no more of the model.
 
 Channels: ``chat:message:<id>`` carries ``delta`` (with the parent
 ``chat:conversation:<id>``, so a conversation stream gets them too) and
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +41,7 @@ from django.utils import timezone
 
 from ssechat.streams.db import run_db, spawn
 from ssechat.streams.log import publish, publish_many
+from ssechat.streams.models import Event
 
 from . import limits, recovery
 from .llm import LLMError, Usage, get_backend
@@ -165,17 +169,26 @@ def history_for(user_message_id: int) -> list[dict[str, str]] | None:
     return history
 
 
-def write_chunks(chunks: list[tuple[int, int, str]]) -> set[int]:
-    """Append each ``(message_id, conversation_id, text)`` chunk to its streaming answer
-    and publish its ``delta``, all in ONE transaction (group commit: every answer of a
-    process that has text waiting costs one transaction per flush tick together).
+def write_chunks(chunks: list[tuple]) -> set[int]:
+    """Publish each chunk's ``delta`` for its streaming answer, all in ONE transaction
+    (group commit: every answer of a process that has text waiting costs one
+    transaction per flush tick together).
+
+    A chunk is ``(message_id, conversation_id, text)``, its text also appended to the
+    message's ``content``, or ``(message_id, conversation_id, text, saved)``: the
+    ``delta`` carries ``text``, and ``saved`` (None: nothing) is appended to the
+    content, with ``last_event_id`` set to this delta's id. A generation saves its
+    content about once a second (``SSECHAT_CHAT_SAVE_MS``), not at every tick:
+    rewriting a growing text 40 times a second made each answer's writes grow with
+    the square of its length. The deltas after ``last_event_id`` are in the event
+    log; ``finalize`` appends them (see ``catch_up``).
 
     Returns the ids of the answers that are no longer streaming (cancelled or failed
     elsewhere): nothing is written for them. A message's chunks keep their order.
     """
     if not chunks:
         return set()
-    ids = {message_id for message_id, _, _ in chunks}
+    ids = {chunk[0] for chunk in chunks}
     with transaction.atomic():
         conn = connections[DEFAULT_DB_ALIAS]
         query = Message.objects.filter(pk__in=ids, status=Message.Status.STREAMING)
@@ -195,13 +208,14 @@ def write_chunks(chunks: list[tuple[int, int, str]]) -> set[int]:
                     {"message_id": message_id, "text": text},
                     conversation_channel(conversation_id),
                 )
-                for message_id, conversation_id, text in kept
+                for message_id, conversation_id, text, *_ in kept
             ]
         )
-        rows = [
-            (text, event_id, message_id)
-            for (message_id, _, text), event_id in zip(kept, event_ids, strict=True)
-        ]
+        rows = []
+        for chunk, event_id in zip(kept, event_ids, strict=True):
+            saved = chunk[3] if len(chunk) > 3 else chunk[2]
+            if saved is not None:
+                rows.append((saved, event_id, chunk[0]))
         if rows:
             with conn.cursor() as cursor:
                 for start in range(0, len(rows), _UPDATE_BATCH):
@@ -239,6 +253,22 @@ def _append_sql(conn, rows: list[tuple[str, int, int]], now: Any) -> tuple[str, 
     return sql, [*texts, *events, now, *ids]
 
 
+def catch_up(message: Message) -> None:
+    """Append to ``message.content`` the text of its ``delta`` events stored after its
+    ``last_event_id`` (published, not yet saved in the row: see ``write_chunks``),
+    and move ``last_event_id`` to the last of them. Call it with the row locked."""
+    rows = Event.objects.filter(
+        channel=message_channel(message.pk), type="delta", id__gt=message.last_event_id or 0
+    ).order_by("id")
+    texts, last = [], None
+    for event_id, data in rows.values_list("id", "data"):
+        texts.append(json.loads(data)["text"])
+        last = event_id
+    if last is not None:
+        message.content += "".join(texts)
+        message.last_event_id = last
+
+
 def write_chunk(message_id: int, conversation_id: int, text: str) -> bool:
     """Append ``text`` to a streaming answer and publish its ``delta``, in one transaction.
 
@@ -260,9 +290,10 @@ def finalize(
     """End a streaming answer: append ``tail``, set its final status, publish the last
     ``delta`` (if any), its ``done`` and its ``message`` snapshot, in one transaction.
 
-    ``written``: the length of the content the caller knows is stored, ``tail`` being
-    what follows it. If more is stored (a write whose outcome the caller could not
-    learn, as when the server stops mid-write) only the rest of ``tail`` is appended.
+    ``written``: the length of the text the caller knows was published (its deltas
+    stored), ``tail`` being what follows it. If more was (a write whose outcome the
+    caller could not learn, as when the server stops mid-write) only the rest of
+    ``tail`` is appended.
 
     None when the answer is not streaming (any more) or ``only_if`` does not match:
     whoever finished it first published its ``done``. Runs its own transaction.
@@ -277,6 +308,7 @@ def finalize(
         if message is None:
             return None
         channel = message_channel(message.pk)
+        catch_up(message)  # every delta published so far, wherever it was written
         if written is not None and len(message.content) > written:
             tail = tail[len(message.content) - written :]
         if tail:
@@ -461,7 +493,9 @@ class _Flusher:
 
     async def _tick(self) -> None:
         batch: list[_Generation] = []
-        chunks: list[tuple[int, int, str]] = []
+        chunks: list[tuple[int, int, str, str | None]] = []
+        now = self.loop.time()
+        save_after = now - limits.save_seconds()
         for generation in self.dirty:
             pending = generation.pending
             if not pending or generation.closing or generation.stopped:
@@ -471,7 +505,12 @@ class _Flusher:
             generation.size = 0
             generation.taken = text
             batch.append(generation)
-            chunks.append((generation.message_id, generation.conversation_id, text))
+            saved = None
+            if generation.saved_at <= save_after:
+                unsaved = generation.unsaved
+                saved = "".join(unsaved) + text if unsaved else text
+            generation.saving = saved is not None
+            chunks.append((generation.message_id, generation.conversation_id, text, saved))
         self.dirty.clear()
         if not batch:
             return
@@ -502,6 +541,11 @@ class _Flusher:
                 if failed is None:
                     generation.written += len(taken)
                     generation.write_failures = 0
+                    if generation.saving:
+                        generation.unsaved.clear()
+                        generation.saved_at = now
+                    else:
+                        generation.unsaved.append(taken)
                     if generation.message_id in gone:
                         generation.stop()  # cancelled or failed elsewhere
                     continue
@@ -596,7 +640,12 @@ class _Generation:
         self.pending: list[str] = []  # text not yet handed to a write
         self.size = 0
         self.taken = ""  # text in the flusher's running write
-        self.written = 0  # characters of the content known to be stored
+        self.written = 0  # characters of text known to be published (deltas stored)
+        # Published but not yet appended to the row's content (see write_chunks), and
+        # when the content was last saved (loop time).
+        self.unsaved: list[str] = []
+        self.saved_at = self.loop.time()
+        self.saving = False  # the running write saves the content
         self.writing: asyncio.Future | None = None  # that write, until its outcome is known
         self.write_failures = 0
         self.task: asyncio.Task | None = None

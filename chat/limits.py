@@ -63,6 +63,12 @@ def flush_chars() -> int:
     return int(chat_setting("SSECHAT_CHAT_FLUSH_CHARS", 300))
 
 
+# While an answer streams, its text is saved in its row (``content``) about this often;
+# every chunk is published (and stored in the event log) at once anyway.
+def save_seconds() -> float:
+    return chat_setting("SSECHAT_CHAT_SAVE_MS", 1000.0) / 1000.0
+
+
 # How often a process refreshes the heartbeat of its answers and looks for dead ones,
 # and how old a heartbeat must be for its answer to count as abandoned.
 def heartbeat_seconds() -> float:

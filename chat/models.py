@@ -3,10 +3,11 @@
 An assistant message is generated in the background by one worker process
 (``worker``), which keeps ``heartbeat_at`` fresh while it streams; a message
 left ``streaming`` by a process that died is found by that and marked failed
-(see ``chat.recovery``). ``content`` always holds exactly the text of the
-``delta`` events published so far: each chunk is appended and published in one
-transaction, and ``last_event_id`` is the id of the newest event of the
-message (its ``done`` once it has finished).
+(see ``chat.recovery``). ``content`` holds exactly the text of the ``delta``
+events up to ``last_event_id`` (both are saved in one transaction, about once
+a second while the answer streams; the deltas after it are in the event log);
+once the answer has finished, ``content`` is its whole text and
+``last_event_id`` the id of its ``done``.
 """
 
 from __future__ import annotations

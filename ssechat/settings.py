@@ -213,6 +213,9 @@ SSECHAT_CHAT_REQUESTS_PER_MINUTE = env_int("SSECHAT_CHAT_REQUESTS_PER_MINUTE", 3
 # heartbeats every HEARTBEAT_SECONDS; an answer silent for STALE_SECONDS is failed.
 SSECHAT_CHAT_FLUSH_MS = env_float("SSECHAT_CHAT_FLUSH_MS", 25.0)
 SSECHAT_CHAT_FLUSH_CHARS = env_int("SSECHAT_CHAT_FLUSH_CHARS", 300)
+# ...and its text is saved in the answer's row about every SAVE_MS (the deltas since are
+# in the event log, and the end of the answer saves all of it).
+SSECHAT_CHAT_SAVE_MS = env_float("SSECHAT_CHAT_SAVE_MS", 1000.0)
 SSECHAT_CHAT_HEARTBEAT_SECONDS = env_float("SSECHAT_CHAT_HEARTBEAT_SECONDS", 10.0)
 SSECHAT_CHAT_STALE_SECONDS = env_float("SSECHAT_CHAT_STALE_SECONDS", 30.0)
 # /v1/chat/completions: cancel the stored answer when the API client disconnects early.

@@ -194,6 +194,79 @@ def test_write_chunks_is_one_transaction_for_many_answers(alice):
         assert all(e.parent == f"chat:conversation:{answer.conversation_id}" for e in deltas)
 
 
+def deltas_of(answer: Message) -> list[tuple[int, str]]:
+    events = Event.objects.filter(channel=f"chat:message:{answer.pk}", type="delta")
+    return [(e.id, json.loads(e.data)["text"]) for e in events.order_by("id")]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_chunks_are_published_at_once_and_saved_in_the_row_now_and_then(alice):
+    answer, other = make_answers(alice, 2)
+    # Published, not saved: the row keeps its content and last_event_id.
+    generation.write_chunks([(answer.pk, answer.conversation_id, "one ", None)])
+    generation.write_chunks([(answer.pk, answer.conversation_id, "two ", None)])
+    answer.refresh_from_db()
+    assert [t for _, t in deltas_of(answer)] == ["one ", "two "]
+    assert answer.content == "" and answer.last_event_id is None
+    # Saved: what was published since the last save, up to this chunk's delta.
+    generation.write_chunks(
+        [
+            (answer.pk, answer.conversation_id, "three ", "one two three "),
+            (other.pk, other.conversation_id, "x", None),
+        ]
+    )
+    answer.refresh_from_db()
+    deltas = deltas_of(answer)
+    assert answer.content == "one two three " and answer.last_event_id == deltas[-1][0]
+    generation.write_chunks([(answer.pk, answer.conversation_id, "four", None)])
+    # The end of the answer appends the deltas the row does not have yet, wherever it
+    # is ended (here: cancelled as from another process, which knows nothing unsaved).
+    done = generation.cancel_answer_sync(answer.pk)
+    assert done.content == "one two three four"
+    assert done.content == "".join(t for _, t in deltas_of(answer))
+    assert done.status == Message.Status.CANCELLED
+    finished = Event.objects.get(channel=f"chat:message:{answer.pk}", type="done")
+    assert json.loads(finished.data)["content"] == "one two three four"
+    assert done.last_event_id == finished.id
+    # A tail the process still held (never published) follows, as its own delta.
+    ended = generation.finalize(other.pk, status=Message.Status.COMPLETE, tail="y", written=1)
+    assert ended.content == "xy" and [t for _, t in deltas_of(other)] == ["x", "y"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_streaming_answer_saves_its_text_about_once_a_second(alice, settings):
+    settings.SSECHAT_LLM_BACKEND = "demo"
+    settings.SSECHAT_DEMO_TOKENS_PER_SECOND = 200
+    settings.SSECHAT_CHAT_FLUSH_MS = 20
+    settings.SSECHAT_CHAT_SAVE_MS = 250
+    (answer,) = await sync_to_async(make_answers)(alice, 1)
+    words = " ".join(f"w{i}" for i in range(200))  # 1 s at 200 tokens a second
+    history = [{"role": "user", "content": f"[demo:echo] {words}"}]
+    saves: list[tuple[int, int]] = []  # (content length, delta events) seen in the row
+
+    async def watch() -> None:
+        while True:
+            row = await Message.objects.aget(pk=answer.pk)
+            if row.status != Message.Status.STREAMING:
+                return
+            if not saves or saves[-1][0] != len(row.content):
+                deltas = await sync_to_async(deltas_of)(answer)
+                upto = [t for i, t in deltas if row.last_event_id and i <= row.last_event_id]
+                assert row.content == "".join(upto)  # the row matches its last_event_id
+                saves.append((len(row.content), len(deltas)))
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.wait_for(generation.launch(answer, history), 30)
+    await asyncio.wait_for(watcher, 10)
+    await answer.arefresh_from_db()
+    deltas = await sync_to_async(deltas_of)(answer)
+    assert answer.content == words and "".join(t for _, t in deltas) == words
+    # Many deltas, few saves: the row was not rewritten at every tick.
+    assert len(deltas) >= 10
+    assert 1 <= len([s for s in saves if s[0]]) <= len(deltas) // 2
+
+
 @pytest.mark.django_db(transaction=True)
 async def test_many_answers_share_one_transaction_per_tick(alice, settings):
     settings.SSECHAT_LLM_BACKEND = "demo"
