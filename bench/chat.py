@@ -118,6 +118,7 @@ class AnswerStream(asyncio.Protocol):
             end = self.buf.find(b"\r\n\r\n")
             if end < 0:
                 return
+            self.answer.headers_at = now
             status = int(self.buf.split(b" ", 2)[1])
             self.answer.status = status
             self.buf = self.buf[end + 4 :]
@@ -174,6 +175,8 @@ class Answer:
         self.done: dict | None = None
         self.posted_at = 0
         self.first_delta_at = 0
+        self.accepted_at = 0  # the message POST's response
+        self.headers_at = 0  # the stream's response head
         self.done_at = 0
         self.error = ""
 
@@ -203,6 +206,7 @@ async def drive(port: int, tokens: list[str], timeout: float) -> list[Answer]:
         answer.posted_at = monotonic_ns()
         path = f"/api/chat/conversations/{answer.conversation}/messages/"
         status, body = await _json_post(pool, port, path, answer.token, {"content": "bench"})
+        answer.accepted_at = monotonic_ns()
         if status != 201:
             answer.error = f"HTTP {status}: {str(body)[:200]}"
             return
@@ -251,6 +255,9 @@ def summarize(answers: list[Answer], seconds: float, cpu: float, stored_deltas: 
     durations = sorted((a.done_at - a.posted_at) / 1e9 for a in complete)
     # From the message POST to the answer's first text at the client (the upstream
     # answers at once): what a burst of answers costs the last ones to start.
+    opening = sorted(
+        (a.headers_at - a.accepted_at) / 1e6 for a in answers if a.headers_at and a.accepted_at
+    )
     first_text = sorted((a.first_delta_at - a.posted_at) / 1e6 for a in answers if a.first_delta_at)
     return {
         "answers": len(answers),
@@ -271,6 +278,8 @@ def summarize(answers: list[Answer], seconds: float, cpu: float, stored_deltas: 
         "server_cpu_pct": round(cpu / seconds * 100, 1) if seconds else None,
         "cpu_ms_per_1000_tokens": round(cpu / tokens * 1e6, 1) if tokens else None,
         "added_p99_per_quarter_second_ms": timeline,
+        "stream_open_p50_ms": round(percentile(opening, 50), 1) if opening else None,
+        "stream_open_max_ms": round(opening[-1], 1) if opening else None,
         "first_text_p50_ms": round(percentile(first_text, 50), 1) if first_text else None,
         "first_text_max_ms": round(first_text[-1], 1) if first_text else None,
         "answer_seconds_p50": round(percentile(durations, 50), 2) if durations else None,
@@ -334,7 +343,8 @@ def run_chat(cfg, log, target=None) -> dict:
             log(
                 f"  chat: p99 per 0.25 s: {result['added_p99_per_quarter_second_ms']};"
                 f" first text p50/max {result['first_text_p50_ms']}/"
-                f"{result['first_text_max_ms']} ms"
+                f"{result['first_text_max_ms']} ms; stream open p50/max "
+                f"{result['stream_open_p50_ms']}/{result['stream_open_max_ms']} ms"
             )
             log(
                 f"  chat: {result['complete']}/{n} complete, added p50/p99 "

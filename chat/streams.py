@@ -45,6 +45,13 @@ def _load_answer(user_id: int, pk: int) -> Message | None:
     return message
 
 
+def _open_answer(user_id: int, pk: int) -> tuple[Message | None, tuple[int, int]]:
+    """The answer and the log's bounds, in one trip to the database threads (a stream
+    opening just after its message was posted waits behind fewer calls)."""
+    message = _load_answer(user_id, pk)
+    return message, (log_bounds() if message is not None else (0, 0))
+
+
 def _owns_conversation(user_id: int, pk: int) -> bool:
     return Conversation.objects.filter(pk=pk, owner_id=user_id).exists()
 
@@ -70,7 +77,7 @@ def done_frame(message: Message, event_id: int) -> bytes:
 @event_stream_view
 async def message_stream(request: HttpRequest, pk: int) -> HttpResponse:
     user_id = request.user.pk
-    message = await run_db(_load_answer, user_id, pk)
+    message, (pruned, latest) = await run_db(_open_answer, user_id, pk)
     if message is None:
         return json_error(404, "not_found", "No such answer.")
     resume = resume_id(request)
@@ -87,7 +94,6 @@ async def message_stream(request: HttpRequest, pk: int) -> HttpResponse:
     if position is not None and message.start_event_id and position < message.start_event_id:
         resume = None  # an id from before the answer began: the client has none of it
     if resume is None:
-        pruned, latest = await run_db(log_bounds)
         if message.start_event_id is not None and message.start_event_id >= pruned:
             start = str(message.start_event_id)  # every event of the answer is still stored
         else:

@@ -284,6 +284,15 @@ class StreamAuthenticator:
                 return AnonymousUser()
         return user
 
+    def cached_user_for_token(self, token: str):
+        """The user of ``token`` if the cache has it (no database; safe on the event
+        loop), else None."""
+        from .models import hash_token
+
+        if not token or len(token) > 200:
+            return None
+        return self.tokens.get(hash_token(token))
+
     def user_for_token(self, token: str):
         from .middleware import user_for_token_sync
         from .models import hash_token

@@ -177,9 +177,13 @@ class FastLane:
         token = bearer_token(request) if request.path.startswith(BEARER_PATH_PREFIXES) else None
         horizon = get_hub().horizon if prefetch is not None else 0
         if token is not None:
-            user, request.stream_prefetch = await run_db(
-                _authenticate, auth.user_for_token, token, prefetch, horizon
-            )
+            # A token seen within SSECHAT_AUTH_CACHE_SECONDS needs no database trip (a
+            # chat client opens its answer's stream right after posting the message).
+            user = auth.cached_user_for_token(token) if prefetch is None else None
+            if user is None:
+                user, request.stream_prefetch = await run_db(
+                    _authenticate, auth.user_for_token, token, prefetch, horizon
+                )
             if user is None:
                 return invalid_token_response(request.path)
             key = token_auth_key(token)
