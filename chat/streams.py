@@ -111,7 +111,11 @@ async def message_stream(request: HttpRequest, pk: int) -> HttpResponse:
             start = str(max(last or 0, pruned))
 
     stream = EventStream(
-        [message_channel(message.pk)], start, from_start=from_start, user_id=user_id
+        [message_channel(message.pk)],
+        start,
+        from_start=from_start,
+        user_id=user_id,
+        bounds=(pruned, latest),
     )
 
     async def frames() -> AsyncIterator:

@@ -463,3 +463,27 @@ async def test_nothing_is_offered_before_the_broker_runs_and_a_new_loop_starts_c
     hub._offer_scheduled = True  # as if an offer's call was lost with an old loop
     hub._reset_for_loop(asyncio.get_running_loop())
     assert hub._offer_scheduled is False
+
+
+async def test_a_stream_given_the_logs_bounds_checks_a_resume_id_without_a_query(monkeypatch):
+    from ssechat.streams import stream as stream_module
+    from ssechat.streams.log import log_bounds
+
+    async def no_query(fn, *args, **kwargs):
+        raise AssertionError(f"{fn.__name__} was read again")
+
+    monkeypatch.setattr(stream_module, "run_db", no_query)
+    pruned = EventStream(["c"], "5", bounds=(10, 20))
+    after, reset = await pruned._start_after(30)
+    assert after == 30 and reset.reason == "events after this id are no longer stored"
+    kept = EventStream(["c"], "15", bounds=(10, 20))
+    assert await kept._start_after(30) == (15, None)
+    # The bounds serve once: a later check (a catch-up) reads them afresh.
+    calls = []
+
+    async def query(fn, *args, **kwargs):
+        calls.append(fn)
+        return (0, 100)
+
+    monkeypatch.setattr(stream_module, "run_db", query)
+    assert await kept._start_after(30) == (15, None) and calls == [log_bounds]

@@ -111,6 +111,7 @@ class EventStream:
 
     __slots__ = (
         "_after",
+        "_bounds",
         "_exhausted",
         "_phase",
         "_ready",
@@ -132,8 +133,12 @@ class EventStream:
         *,
         from_start: bool = False,
         user_id: int | None = None,
+        bounds: tuple[int, int] | None = None,
     ):
         self.channels = tuple(dict.fromkeys(channels))
+        # (pruned through, latest id) as the caller just read them (log_bounds), to
+        # check the resume position without another trip to the database threads.
+        self._bounds = bounds
         self.last_event_id = last_event_id
         self.from_start = from_start
         self.user_id = user_id
@@ -159,18 +164,22 @@ class EventStream:
         if self.connection is not None:
             self.connection.hub.release(self.connection)
 
+    async def _log_bounds(self) -> tuple[int, int]:
+        bounds, self._bounds = self._bounds, None
+        return bounds if bounds is not None else await run_db(log_bounds)
+
     async def _start_after(self, horizon: int) -> tuple[int, Reset | None]:
         """Where the backlog starts, and a Reset if the client's id is unusable."""
         raw = self.last_event_id
         if raw is None:
             if self.from_start:
-                pruned, _ = await run_db(log_bounds)
+                pruned, _ = await self._log_bounds()
                 return pruned, None
             return horizon, None
         if not _ID_RE.match(raw):
             return horizon, Reset(horizon, "malformed last event id")
         wanted = int(raw)
-        pruned, latest = await run_db(log_bounds)
+        pruned, latest = await self._log_bounds()
         if wanted > latest:
             return horizon, Reset(horizon, "unknown last event id")
         if wanted < pruned:
