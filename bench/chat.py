@@ -322,41 +322,19 @@ def run_chat(cfg, log, target=None) -> dict:
         bench.run(drive(server.port, tokens[-1:], timeout=60))
         for n in steps:
             log(f"chat: {n} answers of {tokens_n} tokens at {rate:.0f} tokens/s each ({backend})")
-            before = _count_events(env, 0).get("delta", 0)
-            cpu0, sys0 = server.cpu_seconds(), server.system_cpu_seconds()
-            load0 = time.process_time() + _cpu_of(upstream.pid)
-            started = time.monotonic()
-            profiled = cfg.profile and n == steps[-1]
-            with bench.Profiler(server.pid, "ssechat-chat", profiled):
-                answers = bench.run(drive(server.port, tokens[:n], timeout=180))
-                seconds = time.monotonic() - started
-                cpu = server.cpu_seconds() - cpu0
-                system = server.system_cpu_seconds() - sys0
-                load_cpu = time.process_time() + _cpu_of(upstream.pid) - load0
-            stored = _count_events(env, 0).get("delta", 0) - before
-            result = summarize(answers, seconds, cpu, stored)
-            result["system_cpu_share_pct"] = round(100 * system / cpu, 1) if cpu else None
-            # The upstream and the clients share the load generator's core: near 100%,
-            # they, not the server, would be adding latency.
-            result["load_cpu_pct"] = round(100 * load_cpu / seconds, 1) if seconds else None
+            # The p99 of one try moves by up to 2x on this VM: the step is tried a few
+            # times and the try with the median p99 stands for it (every p99 is kept).
+            tries = []
+            for attempt in range(max(1, cfg.chat_repeats)):
+                profiled = cfg.profile and n == steps[-1] and attempt == 0
+                tries.append(_chat_try(server, upstream, env, tokens[:n], profiled, n, log))
+                time.sleep(1.0)
+            p99s = [t["added_p99_ms"] for t in tries]
+            ranked = sorted(tries, key=lambda t: t["added_p99_ms"] or 0)
+            result = {**ranked[len(ranked) // 2], "added_p99_tries_ms": p99s}
             results.append(result)
-            log(
-                f"  chat: p99 per 0.25 s: {result['added_p99_per_quarter_second_ms']};"
-                f" first text p50/max {result['first_text_p50_ms']}/"
-                f"{result['first_text_max_ms']} ms; stream open p50/max "
-                f"{result['stream_open_p50_ms']}/{result['stream_open_max_ms']} ms"
-            )
-            log(
-                f"  chat: {result['complete']}/{n} complete, added p50/p99 "
-                f"{result['added_p50_ms']}/{result['added_p99_ms']} ms"
-                f" (p99 {result['added_p99_all_streaming_ms']} ms once all stream),"
-                f" {result['writes_per_answer']} writes/answer,"
-                f" {result['cpu_ms_per_1000_tokens']} ms CPU/1,000 tokens,"
-                f" server CPU {result['server_cpu_pct']}%"
-                f" ({result['system_cpu_share_pct']}% of it in the kernel),"
-                f" load generator CPU {result['load_cpu_pct']}%"
-            )
-            time.sleep(1.0)
+            if len(tries) > 1:
+                log(f"  chat: {n} answers, p99 of each try {p99s} ms; the median try stands")
     finally:
         if server is not None:
             server.stop()
@@ -373,6 +351,44 @@ def run_chat(cfg, log, target=None) -> dict:
         "steps": results,
         **results[-1],
     }
+
+
+def _chat_try(server, upstream, env: dict, tokens: list[str], profiled: bool, n: int, log) -> dict:
+    from . import run as bench
+
+    before = _count_events(env, 0).get("delta", 0)
+    cpu0, sys0 = server.cpu_seconds(), server.system_cpu_seconds()
+    load0 = time.process_time() + _cpu_of(upstream.pid)
+    started = time.monotonic()
+    with bench.Profiler(server.pid, "ssechat-chat", profiled):
+        answers = bench.run(drive(server.port, tokens, timeout=180))
+        seconds = time.monotonic() - started
+        cpu = server.cpu_seconds() - cpu0
+        system = server.system_cpu_seconds() - sys0
+        load_cpu = time.process_time() + _cpu_of(upstream.pid) - load0
+    stored = _count_events(env, 0).get("delta", 0) - before
+    result = summarize(answers, seconds, cpu, stored)
+    result["system_cpu_share_pct"] = round(100 * system / cpu, 1) if cpu else None
+    # The upstream and the clients share the load generator's core: near 100%,
+    # they, not the server, would be adding latency.
+    result["load_cpu_pct"] = round(100 * load_cpu / seconds, 1) if seconds else None
+    log(
+        f"  chat: p99 per 0.25 s: {result['added_p99_per_quarter_second_ms']};"
+        f" first text p50/max {result['first_text_p50_ms']}/"
+        f"{result['first_text_max_ms']} ms; stream open p50/max "
+        f"{result['stream_open_p50_ms']}/{result['stream_open_max_ms']} ms"
+    )
+    log(
+        f"  chat: {result['complete']}/{n} complete, added p50/p99 "
+        f"{result['added_p50_ms']}/{result['added_p99_ms']} ms"
+        f" (p99 {result['added_p99_all_streaming_ms']} ms once all stream),"
+        f" {result['writes_per_answer']} writes/answer,"
+        f" {result['cpu_ms_per_1000_tokens']} ms CPU/1,000 tokens,"
+        f" server CPU {result['server_cpu_pct']}%"
+        f" ({result['system_cpu_share_pct']}% of it in the kernel),"
+        f" load generator CPU {result['load_cpu_pct']}%"
+    )
+    return result
 
 
 def _cpu_of(pid: int) -> float:

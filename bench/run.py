@@ -103,6 +103,7 @@ class Config:
     chat_backend: str = "ollama"
     chat_answers: int = 0
     chat_tokens: int = 0
+    chat_repeats: int = 3
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ssechat-bench-")))
 
     @classmethod
@@ -116,6 +117,7 @@ class Config:
             resume_events=10_000,
             idle_streams=0,
             users=300,
+            chat_repeats=1,
         )
 
 
@@ -740,6 +742,8 @@ def parse_args(argv: list[str] | None) -> Config:
                         help="extra environment for the ssechat servers (repeatable)")  # fmt: skip
     parser.add_argument("--chat-answers", type=int, default=0, help="answers at once (chat)")
     parser.add_argument("--chat-tokens", type=int, default=0, help="tokens an answer (chat)")
+    parser.add_argument("--chat-repeats", type=int, default=None,
+                        help="tries of each chat step (the median p99 stands)")  # fmt: skip
     parser.add_argument("--chat-backend", default="ollama", choices=("ollama", "openai"))
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
@@ -760,6 +764,8 @@ def parse_args(argv: list[str] | None) -> Config:
     cfg.chat_answers = args.chat_answers
     cfg.chat_backend = args.chat_backend
     cfg.chat_tokens = args.chat_tokens
+    if args.chat_repeats is not None:
+        cfg.chat_repeats = args.chat_repeats
     cfg.server_env = dict(item.split("=", 1) for item in args.server_env)
     return cfg
 
