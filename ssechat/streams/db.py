@@ -31,9 +31,9 @@ T = TypeVar("T")
 # streams opened meanwhile are served first; a request never waits longer than this
 # beyond what it would have waited in plain arrival order.
 REQUEST_DELAY = 1.0
-# Threads that may run requests' work at once (never all of them).
-# One: on SQLite they take turns on the write lock anyway, and each one more running
-# at once is one more thread taking the GIL from the streams and the chat's writer.
+# Threads that may run requests' work at once. One: on SQLite requests take turns on
+# the write lock anyway, and each one more running at once is one more thread taking
+# the GIL from the streams and the chat's writer.
 REQUEST_THREADS = 1
 
 _Item = tuple[float, Future, Callable[[], Any]]
@@ -47,8 +47,9 @@ class DatabasePool(Executor):
     burst of 100 chat messages waited until every message was stored, and every
     token of the answers that had started meanwhile with it. Here a waiting call
     is due when it arrives, a request's ``REQUEST_DELAY`` later, and the call due
-    first goes first; requests' work holds at most all threads but one, so stream
-    work finds a thread without waiting for a request to end.
+    first goes first; requests' work holds ``REQUEST_THREADS`` threads at most, and
+    never all of them when there are two or more, so stream work finds a thread
+    without waiting for a request to end.
     """
 
     def __init__(self, max_workers: int, name: str) -> None:
@@ -191,9 +192,9 @@ async def run_db(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
 
 
 async def run_db_request(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-    """:func:`run_db` for the work of an API request (storing a chat message, a
-    notification): it waits behind the work of streams (opening, catching up) that
-    arrived up to ``REQUEST_DELAY`` later."""
+    """:func:`run_db` for the work of an API request (posting a chat message): it
+    waits behind the work of streams (opening, catching up) that arrived up to
+    ``REQUEST_DELAY`` later, and runs on ``REQUEST_THREADS`` threads at most."""
     future = _get_executor().submit_call(
         functools.partial(_call_with_retry, fn, args, kwargs), request=True
     )

@@ -8,6 +8,7 @@ from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models import Max, Q
+from django.db.models.signals import post_save, pre_save
 from django.utils import timezone
 
 from .hub import StoredEvent, get_hub
@@ -102,8 +103,9 @@ def publish_many(
     On SQLite the rows go in ONE ``INSERT ... RETURNING`` per batch (a chat tick
     stores a chunk of every streaming answer at once): SQLite numbers the rows
     of an INSERT in the order of its VALUES, so the returned ids, sorted, are
-    the events' ids in order. Elsewhere each event is stored as ``publish``
-    stores it. One after-commit hand-over to the hub for all of them.
+    the events' ids in order. Elsewhere (or with save signals connected to
+    ``Event``) each event is stored as ``publish`` stores it. One after-commit
+    hand-over to the hub for all of them.
     """
     if not events:
         return []
@@ -118,7 +120,11 @@ def publish_many(
     conn = connections[alias]
     if conn.vendor == "postgresql":
         ids = [_pg_insert(conn, c, p, t, d) for c, p, t, d in prepared]
-    elif conn.vendor == "sqlite" and conn.features.can_return_columns_from_insert:
+    elif (
+        conn.vendor == "sqlite"
+        and conn.features.can_return_columns_from_insert
+        and not (pre_save.has_listeners(Event) or post_save.has_listeners(Event))
+    ):
         ids = []
         for start in range(0, len(prepared), _MANY_BATCH):
             ids += _sqlite_insert_many(conn, prepared[start : start + _MANY_BATCH])
