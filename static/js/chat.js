@@ -915,6 +915,7 @@
     // A list update (another tab, an answer's end) may come while a title is being
     // edited: the new input keeps what was typed so far, and its caret.
     var typing = renaming ? els.list.querySelector(".rename-input") : null;
+    if (typing && typing.dataset.id !== String(renaming)) typing = null; // another title
     var frag = document.createDocumentFragment();
     var bucket = null;
     list.forEach(function (c) {
@@ -954,6 +955,7 @@
     if (renaming === c.id) {
       var form = el("form", "sidebar-item rename-form");
       var input = el("input", "rename-input");
+      input.dataset.id = String(c.id);
       input.type = "text";
       input.value = title;
       input.maxLength = 200;
