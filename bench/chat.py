@@ -30,7 +30,7 @@ import sys
 import time
 
 from .load import HOST, Pool, monotonic_ns, percentile, post_request
-from .procs import LOAD_CPU, ROOT, free_port, pin
+from .procs import LOAD_CPU, ROOT, cpu_seconds_of, free_port, pin
 
 STAMP = re.compile(r"~(\d{10,20})~")
 WORD = "word "
@@ -253,11 +253,12 @@ def summarize(answers: list[Answer], seconds: float, cpu: float, stored_deltas: 
     tokens = sum(a.tokens for a in answers)
     deltas = [a.deltas for a in answers if a.done]
     durations = sorted((a.done_at - a.posted_at) / 1e9 for a in complete)
-    # From the message POST to the answer's first text at the client (the upstream
-    # answers at once): what a burst of answers costs the last ones to start.
+    # From the message POST's response to the answer stream's response head.
     opening = sorted(
         (a.headers_at - a.accepted_at) / 1e6 for a in answers if a.headers_at and a.accepted_at
     )
+    # From the message POST to the answer's first text at the client (the upstream
+    # answers at once): what a burst of answers costs the last ones to start.
     first_text = sorted((a.first_delta_at - a.posted_at) / 1e6 for a in answers if a.first_delta_at)
     return {
         "answers": len(answers),
@@ -358,14 +359,14 @@ def _chat_try(server, upstream, env: dict, tokens: list[str], profiled: bool, n:
 
     before = _count_events(env, 0).get("delta", 0)
     cpu0, sys0 = server.cpu_seconds(), server.system_cpu_seconds()
-    load0 = time.process_time() + _cpu_of(upstream.pid)
+    load0 = time.process_time() + cpu_seconds_of(upstream.pid)
     started = time.monotonic()
     with bench.Profiler(server.pid, "ssechat-chat", profiled):
         answers = bench.run(drive(server.port, tokens, timeout=180))
         seconds = time.monotonic() - started
         cpu = server.cpu_seconds() - cpu0
         system = server.system_cpu_seconds() - sys0
-        load_cpu = time.process_time() + _cpu_of(upstream.pid) - load0
+        load_cpu = time.process_time() + cpu_seconds_of(upstream.pid) - load0
     stored = _count_events(env, 0).get("delta", 0) - before
     result = summarize(answers, seconds, cpu, stored)
     result["system_cpu_share_pct"] = round(100 * system / cpu, 1) if cpu else None
@@ -389,13 +390,6 @@ def _chat_try(server, upstream, env: dict, tokens: list[str], profiled: bool, n:
         f" load generator CPU {result['load_cpu_pct']}%"
     )
     return result
-
-
-def _cpu_of(pid: int) -> float:
-    import psutil
-
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
 
 
 def _count_events(env: dict, after: int) -> dict:

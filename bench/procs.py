@@ -109,8 +109,7 @@ class ServerProc:
         return self.ps.memory_info().rss
 
     def cpu_seconds(self) -> float:
-        times = self.ps.cpu_times()
-        return times.user + times.system
+        return cpu_seconds_of(self.ps)
 
     def system_cpu_seconds(self) -> float:
         """The kernel's part of :meth:`cpu_seconds` (system calls, thread wake-ups)."""
@@ -195,3 +194,11 @@ def machine() -> dict:
         "nofile": list(nofile_limits()),
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def cpu_seconds_of(process: psutil.Process | int) -> float:
+    """User and system CPU time of a process (or pid) so far."""
+    times = (
+        process if isinstance(process, psutil.Process) else psutil.Process(process)
+    ).cpu_times()
+    return times.user + times.system

@@ -169,15 +169,14 @@ def history_for(user_message_id: int) -> list[dict[str, str]] | None:
     return history
 
 
-def write_chunks(chunks: list[tuple]) -> set[int]:
+def write_chunks(chunks: list[tuple[int, int, str, str | None]]) -> set[int]:
     """Publish each chunk's ``delta`` for its streaming answer, all in ONE transaction
     (group commit: every answer of a process that has text waiting costs one
     transaction per flush tick together).
 
-    A chunk is ``(message_id, conversation_id, text)``, its text also appended to the
-    message's ``content``, or ``(message_id, conversation_id, text, saved)``: the
-    ``delta`` carries ``text``, and ``saved`` (None: nothing) is appended to the
-    content, with ``last_event_id`` set to this delta's id. A generation saves its
+    A chunk is ``(message_id, conversation_id, text, saved)``: the ``delta`` carries
+    ``text``, and ``saved`` (None: nothing) is appended to the message's content,
+    with ``last_event_id`` set to this delta's id. A generation saves its
     content about once a second (``SSECHAT_CHAT_SAVE_MS``), not at every tick:
     rewriting a growing text 40 times a second made each answer's writes grow with
     the square of its length. The deltas after ``last_event_id`` are in the event
@@ -208,14 +207,14 @@ def write_chunks(chunks: list[tuple]) -> set[int]:
                     {"message_id": message_id, "text": text},
                     conversation_channel(conversation_id),
                 )
-                for message_id, conversation_id, text, *_ in kept
+                for message_id, conversation_id, text, _ in kept
             ]
         )
-        rows = []
-        for chunk, event_id in zip(kept, event_ids, strict=True):
-            saved = chunk[3] if len(chunk) > 3 else chunk[2]
-            if saved is not None:
-                rows.append((saved, event_id, chunk[0]))
+        rows = [
+            (saved, event_id, message_id)
+            for (message_id, _, _, saved), event_id in zip(kept, event_ids, strict=True)
+            if saved is not None
+        ]
         if rows:
             with conn.cursor() as cursor:
                 for start in range(0, len(rows), _UPDATE_BATCH):
@@ -274,7 +273,7 @@ def write_chunk(message_id: int, conversation_id: int, text: str) -> bool:
 
     False (and nothing written) when the answer is no longer streaming.
     """
-    return not write_chunks([(message_id, conversation_id, text)])
+    return not write_chunks([(message_id, conversation_id, text, text)])
 
 
 def finalize(

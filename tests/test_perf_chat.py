@@ -169,7 +169,7 @@ def make_answers(user, count: int) -> list[Message]:
 def test_write_chunks_is_one_transaction_for_many_answers(alice):
     answers = make_answers(alice, 5)
     Message.objects.filter(pk=answers[2].pk).update(status=Message.Status.CANCELLED)
-    chunks = [(a.pk, a.conversation_id, f"text {i} ") for i, a in enumerate(answers)]
+    chunks = [(a.pk, a.conversation_id, f"text {i} ", f"text {i} ") for i, a in enumerate(answers)]
     with CaptureQueriesContext(connection) as queries:
         gone = generation.write_chunks(chunks)
     assert gone == {answers[2].pk}
@@ -177,7 +177,7 @@ def test_write_chunks_is_one_transaction_for_many_answers(alice):
     assert len(begins) <= 1  # one transaction (SQLite shows its BEGIN; others may not)
     # One SELECT, one event per live chunk, one UPDATE statement for all of them.
     assert len(queries.captured_queries) <= 1 + 1 + 4 + 1 + 1
-    second = generation.write_chunks([(a.pk, a.conversation_id, "more") for a in answers])
+    second = generation.write_chunks([(a.pk, a.conversation_id, "more", "more") for a in answers])
     assert second == {answers[2].pk}
     for i, answer in enumerate(answers):
         answer.refresh_from_db()

@@ -60,6 +60,15 @@ def _pg_insert(conn, channel: str, parent: str, event_type: str, data: str) -> i
         return cursor.fetchone()[0]
 
 
+def _prepare(channel: str, event_type: str, payload: Any, parent: str) -> tuple[str, ...]:
+    """(channel, parent, type, data) of an event to store, its names checked."""
+    _validate_name("channel", channel, MAX_CHANNEL_LENGTH)
+    _validate_name("event type", event_type, MAX_TYPE_LENGTH)
+    if parent:
+        _validate_name("parent channel", parent, MAX_CHANNEL_LENGTH)
+    return channel, parent, event_type, dumps(payload)
+
+
 def publish(
     channel: str,
     event_type: str,
@@ -72,11 +81,7 @@ def publish(
 
     Returns the event id. Nothing is sent if the transaction rolls back.
     """
-    _validate_name("channel", channel, MAX_CHANNEL_LENGTH)
-    _validate_name("event type", event_type, MAX_TYPE_LENGTH)
-    if parent:
-        _validate_name("parent channel", parent, MAX_CHANNEL_LENGTH)
-    data = dumps(payload)
+    channel, parent, event_type, data = _prepare(channel, event_type, payload, parent)
     alias = using or DEFAULT_DB_ALIAS
     conn = connections[alias]
     if conn.vendor == "postgresql":
@@ -109,13 +114,7 @@ def publish_many(
     """
     if not events:
         return []
-    prepared = []
-    for channel, event_type, payload, parent in events:
-        _validate_name("channel", channel, MAX_CHANNEL_LENGTH)
-        _validate_name("event type", event_type, MAX_TYPE_LENGTH)
-        if parent:
-            _validate_name("parent channel", parent, MAX_CHANNEL_LENGTH)
-        prepared.append((channel, parent, event_type, dumps(payload)))
+    prepared = [_prepare(*event) for event in events]
     alias = using or DEFAULT_DB_ALIAS
     conn = connections[alias]
     if conn.vendor == "postgresql":
