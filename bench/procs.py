@@ -115,6 +115,13 @@ class ServerProc:
         """The kernel's part of :meth:`cpu_seconds` (system calls, thread wake-ups)."""
         return self.ps.cpu_times().system
 
+    def main_thread_cpu_seconds(self) -> float:
+        """CPU time of the main thread (the event loop); the rest is other threads'."""
+        for thread in self.ps.threads():
+            if thread.id == self.ps.pid:
+                return thread.user_time + thread.system_time
+        return 0.0
+
     def threads(self) -> int:
         return self.ps.num_threads()
 

@@ -111,3 +111,65 @@ def test_as_many_calls_at_once_as_threads(pool):
     barrier = threading.Barrier(4)
     futures = [p.submit(barrier.wait, WAIT) for _ in range(4)]  # all four at once
     assert sorted(f.result(WAIT) for f in futures) == [0, 1, 2, 3]
+
+
+async def test_run_db_raises_the_calls_exception_and_skips_a_call_no_one_awaits():
+    import asyncio
+
+    with pytest.raises(ZeroDivisionError):
+        await db.run_db(lambda: 1 / 0)
+    hold, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+    size = db._get_executor()._max_workers
+    # Every thread busy, then a call whose caller stops waiting before it starts.
+    holders = [
+        asyncio.ensure_future(db.run_db(lambda: (hold.set(), release.wait(WAIT))))
+        for _ in range(size)
+    ]
+    assert await asyncio.to_thread(hold.wait, WAIT)
+    abandoned = asyncio.ensure_future(db.run_db(ran.append, "abandoned"))
+    await asyncio.sleep(0.05)
+    abandoned.cancel()
+    release.set()
+    await asyncio.gather(*holders)
+    assert await db.run_db(ran.append, "after") is None
+    assert ran == ["after"]
+
+
+async def test_batched_calls_share_pool_calls_and_keep_their_own_outcomes():
+    import asyncio
+
+    threads: list[int] = []
+
+    def call(n: int) -> int:
+        threads.append(threading.get_ident())
+        if n == 13:
+            raise ValueError("thirteen")
+        return n * 2
+
+    count = db.MAX_BATCH + 40
+    results = await asyncio.gather(
+        *(db.run_db_batched(call, n) for n in range(count)), return_exceptions=True
+    )
+    assert [r for n, r in enumerate(results) if n != 13] == [n * 2 for n in range(count) if n != 13]
+    assert isinstance(results[13], ValueError)
+    # All made in one loop step: the first batch holds MAX_BATCH calls, the rest the next.
+    first, rest = threads[: db.MAX_BATCH], threads[db.MAX_BATCH :]
+    assert len(set(first)) == 1 and len(set(rest)) == 1
+
+
+async def test_a_batched_call_whose_caller_left_is_not_made():
+    import asyncio
+
+    started, release = threading.Event(), threading.Event()
+    made: list[int] = []
+    # A batch in flight, held on its thread: the next calls wait for it, together.
+    first = asyncio.ensure_future(db.run_db_batched(lambda: (started.set(), release.wait(WAIT))))
+    assert await asyncio.to_thread(started.wait, WAIT)
+    calls = [asyncio.ensure_future(db.run_db_batched(made.append, n)) for n in range(3)]
+    await asyncio.sleep(0.01)
+    calls[1].cancel()
+    release.set()
+    await first
+    await asyncio.gather(*calls, return_exceptions=True)
+    assert made == [0, 2]

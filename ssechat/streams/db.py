@@ -36,7 +36,7 @@ REQUEST_DELAY = 1.0
 # the GIL from the streams and the chat's writer.
 REQUEST_THREADS = 1
 
-_Item = tuple[float, Future, Callable[[], Any]]
+_Item = tuple[float, Any, Callable[[], Any]]  # (due, Future or _LoopFuture, call)
 
 
 class DatabasePool(Executor):
@@ -73,13 +73,19 @@ class DatabasePool(Executor):
     def submit_call(self, call: Callable[[], T], *, request: bool = False) -> Future:
         """Run ``call`` on a thread (``request``: as a request's work)."""
         future: Future = Future()
+        self.enqueue(future, call, request)
+        return future
+
+    def enqueue(self, sink: Any, call: Callable[[], Any], request: bool = False) -> None:
+        """Queue ``call``; a worker settles ``sink`` (a ``concurrent.futures.Future``, or
+        anything with its ``set_running_or_notify_cancel``/``set_result``/``set_exception``)."""
         with self._cond:
             if self._shutdown:
                 raise RuntimeError("the database pool is shut down")
             if request:
-                self._requests.append((time.monotonic() + REQUEST_DELAY, future, call))
+                self._requests.append((time.monotonic() + REQUEST_DELAY, sink, call))
             else:
-                self._streams.append((time.monotonic(), future, call))
+                self._streams.append((time.monotonic(), sink, call))
             if self._idle:
                 self._cond.notify()
             # A worker notified but not yet awake still counts as idle, and takes one of
@@ -91,7 +97,6 @@ class DatabasePool(Executor):
                 )
                 self._threads.append(thread)
                 thread.start()
-        return future
 
     def _next(self) -> tuple[_Item, bool] | None:
         """The call to run now and whether it is a request's (under the lock)."""
@@ -182,23 +187,171 @@ def _call_with_retry(fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
         return fn(*args, **kwargs)
 
 
+class _LoopFuture:
+    """What a worker settles for a call awaited on an event loop: the loop's own
+    future, set from the worker with one ``call_soon_threadsafe``.
+
+    It stands where a ``concurrent.futures.Future`` would (the three methods a
+    worker calls), without one: that future, its lock and condition, and
+    ``asyncio.wrap_future``'s chaining cost more than a short query on every
+    stream connect.
+    """
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.future = loop.create_future()
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return not self.future.cancelled()  # the caller stopped waiting: skip the call
+
+    def set_result(self, result: Any) -> None:
+        self._settle(result, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._settle(None, exc)
+
+    def cancel(self) -> None:  # the pool shut down with this call still queued
+        try:
+            self.loop.call_soon_threadsafe(self.future.cancel)
+        except RuntimeError:
+            pass
+
+    def _settle(self, result: Any, exc: BaseException | None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_settle, self.future, result, exc)
+        except RuntimeError:  # the loop is closed: nobody is waiting
+            pass
+
+
+def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+def _submit_awaitable(call: Callable[[], T], request: bool) -> asyncio.Future:
+    sink = _LoopFuture(asyncio.get_running_loop())
+    _get_executor().enqueue(sink, call, request)
+    return sink.future
+
+
 async def run_db(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """Run a sync ORM function on the stream database pool and return its result.
 
     Each call is its own transaction (autocommit) unless ``fn`` opens one.
     """
-    future = _get_executor().submit_call(functools.partial(_call_with_retry, fn, args, kwargs))
-    return await asyncio.wrap_future(future)
+    return await _submit_awaitable(functools.partial(_call_with_retry, fn, args, kwargs), False)
 
 
 async def run_db_request(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """:func:`run_db` for the work of an API request (posting a chat message): it
     waits behind the work of streams (opening, catching up) that arrived up to
     ``REQUEST_DELAY`` later, and runs on ``REQUEST_THREADS`` threads at most."""
-    future = _get_executor().submit_call(
-        functools.partial(_call_with_retry, fn, args, kwargs), request=True
-    )
-    return await asyncio.wrap_future(future)
+    return await _submit_awaitable(functools.partial(_call_with_retry, fn, args, kwargs), True)
+
+
+# Most calls a batch of run_db_batched takes (a connect storm is served in batches of
+# this size or smaller; each waits for the batch before it).
+MAX_BATCH = 128
+
+
+class _CallBatcher:
+    """Calls that arrive while a batch is with the pool go together in the next one.
+
+    One pool call runs the whole batch on one thread, and one wake-up of the
+    event loop settles all its futures. Under a connect storm this replaces a
+    thread hop (a queue item, a worker wake-up, a loop wake-up) per stream with
+    one per batch; with no batch in flight a call goes at the end of the loop's
+    current step, so a lone call waits for nothing.
+    """
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[Callable[[], Any], asyncio.Future]] = []
+        self.in_flight = False
+
+    def call(self, call: Callable[[], Any]) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.waiting.append((call, future))
+        if not self.in_flight:
+            self.in_flight = True
+            loop.call_soon(self._send)  # calls made in this same loop step join it
+        return future
+
+    def _send(self) -> None:
+        batch, self.waiting = self.waiting[:MAX_BATCH], self.waiting[MAX_BATCH:]
+        batch = [(call, future) for call, future in batch if not future.cancelled()]
+        if not batch:
+            self._next()
+            return
+        try:
+            done = _submit_awaitable(functools.partial(_run_batch, batch), False)
+        except BaseException as exc:  # the pool is shut down
+            for _, future in batch:
+                if not future.cancelled():
+                    future.set_exception(exc)
+            self._next()
+            return
+        done.add_done_callback(functools.partial(self._settle, [f for _, f in batch]))
+
+    def _settle(self, futures: list[asyncio.Future], done: asyncio.Future) -> None:
+        if done.cancelled():  # the pool shut down before the batch ran
+            for future in futures:
+                future.cancel()
+            self._next()
+            return
+        if done.exception() is not None:
+            outcomes = [(None, done.exception())] * len(futures)
+        else:
+            outcomes = done.result()
+        for future, (result, exc) in zip(futures, outcomes, strict=True):
+            _settle(future, result, exc)
+        self._next()
+
+    def _next(self) -> None:
+        if self.waiting:
+            asyncio.get_running_loop().call_soon(self._send)
+        else:
+            self.in_flight = False
+
+
+def _run_batch(
+    batch: list[tuple[Callable[[], Any], asyncio.Future]],
+) -> list[tuple[Any, BaseException | None]]:
+    outcomes: list[tuple[Any, BaseException | None]] = []
+    for call, future in batch:
+        if future.cancelled():  # its caller stopped waiting meanwhile (a flag read)
+            outcomes.append((None, None))
+            continue
+        try:
+            outcomes.append((call(), None))
+        except Exception as exc:
+            outcomes.append((None, exc))
+    return outcomes
+
+
+_batchers: dict[asyncio.AbstractEventLoop, _CallBatcher] = {}
+
+
+async def run_db_batched(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """:func:`run_db` for short calls made by many requests at once (authenticating a
+    stream's client): they run in batches, one pool call each (see _CallBatcher).
+
+    Each call is still its own transaction (autocommit) unless ``fn`` opens one,
+    and its exception is its own.
+    """
+    loop = asyncio.get_running_loop()
+    batcher = _batchers.get(loop)
+    if batcher is None:
+        for old in [old for old in _batchers if old.is_closed()]:
+            del _batchers[old]
+        batcher = _batchers[loop] = _CallBatcher()
+    return await batcher.call(functools.partial(_call_with_retry, fn, args, kwargs))
 
 
 _background: set[asyncio.Task] = set()

@@ -37,7 +37,7 @@ from django.urls import Resolver404, get_resolver
 
 from ssechat.api import json_error
 
-from .db import run_db
+from .db import run_db_batched
 from .hub import get_hub, stream_auth
 from .revocation import session_auth_key, token_auth_key
 
@@ -88,6 +88,13 @@ class FastLane:
         # Host headers CommonMiddleware accepted (see request_checks).
         self.good_hosts: set[str] = set()
         self.plain_common = not settings.DISALLOWED_USER_AGENTS and not settings.PREPEND_WWW
+        # Imported here, not per request (the accounts app needs Django set up).
+        from ssechat.accounts.fastauth import get_authenticator
+        from ssechat.accounts.middleware import bearer_token, invalid_token_response
+
+        self.authenticator = get_authenticator
+        self.bearer_token = bearer_token
+        self.invalid_token_response = invalid_token_response
 
     def match(self, scope) -> object | None:
         """The resolver match if this request is for an event-stream view."""
@@ -115,6 +122,10 @@ class FastLane:
         denied = await self.authenticate(request, getattr(match.func, "stream_prefetch", None))
         if denied is not None:
             return request, self.finish(request, denied)
+        # Streams opened by the view can be closed by revoking these credentials. Set for
+        # the view alone: a context variable left set would keep a mapping per stream.
+        credentials = request.stream_credentials
+        token = stream_auth.set(credentials) if credentials is not None else None
         try:
             response = await match.func(request, *match.args, **match.kwargs)
         except (SuspiciousOperation, RequestDataTooBig) as exc:
@@ -129,6 +140,9 @@ class FastLane:
                 extra={"status_code": 500, "request": request},
             )  # fmt: skip
             response = json_error(500, "server_error", "The stream could not be opened.")
+        finally:
+            if token is not None:
+                stream_auth.reset(token)
         return request, self.finish(request, response)
 
     def request_checks(self, request) -> HttpResponse | None:
@@ -167,37 +181,35 @@ class FastLane:
         use it when the stream starts at that same horizon (nothing was
         dispatched in between), and saves a trip to the database threads.
         """
-        from ssechat.accounts.fastauth import get_authenticator
-        from ssechat.accounts.middleware import bearer_token, invalid_token_response
-
-        auth = get_authenticator()
+        auth = self.authenticator()
         session_key = request.COOKIES.get(settings.SESSION_COOKIE_NAME)
         request.session = self.session_engine.SessionStore(session_key)
         request.stream_prefetch = None
-        token = bearer_token(request) if request.path.startswith(BEARER_PATH_PREFIXES) else None
+        request.stream_credentials = None
+        bearer = request.path.startswith(BEARER_PATH_PREFIXES)
+        token = self.bearer_token(request) if bearer else None
         horizon = get_hub().horizon if prefetch is not None else 0
         if token is not None:
             # A token seen within SSECHAT_AUTH_CACHE_SECONDS needs no database trip (a
             # chat client opens its answer's stream right after posting the message).
             user = auth.cached_user_for_token(token) if prefetch is None else None
             if user is None:
-                user, request.stream_prefetch = await run_db(
+                user, request.stream_prefetch = await run_db_batched(
                     _authenticate, auth.user_for_token, token, prefetch, horizon
                 )
             if user is None:
-                return invalid_token_response(request.path)
+                return self.invalid_token_response(request.path)
             key = token_auth_key(token)
         elif not session_key:
             user, key = AnonymousUser(), None
         else:
-            user, request.stream_prefetch = await run_db(
+            user, request.stream_prefetch = await run_db_batched(
                 _authenticate, auth.user_for_session, session_key, prefetch, horizon
             )
             key = session_auth_key(session_key)
         set_user(request, user)
         if user.is_authenticated:
-            # Streams opened by this request can be closed by revoking these credentials.
-            stream_auth.set((user.pk, key))
+            request.stream_credentials = (user.pk, key)  # see get_response
         return None
 
 

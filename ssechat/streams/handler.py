@@ -17,11 +17,13 @@ server starts, and ends open streams as soon as the server is told to stop
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import signal
 import threading
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.conf import settings
@@ -29,6 +31,7 @@ from django.core import signals
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler as DjangoASGIHandler
 from django.core.handlers.asgi import get_script_prefix
+from django.urls import get_script_prefix as current_script_prefix
 from django.urls import set_script_prefix
 
 from ssechat.api import json_error
@@ -125,18 +128,40 @@ def install_shutdown_hook() -> None:
 
 
 class ASGIHandler(DjangoASGIHandler):
+    def __init__(self, *, serve_static: bool = False) -> None:
+        super().__init__()
+        self.static = None
+        self.static_prefix = ""
+        if serve_static:
+            from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+
+            # It serves what is under STATIC_URL; anything else it would hand back here.
+            self.static = ASGIStaticFilesHandler(self)
+            url = settings.STATIC_URL
+            self.static_prefix = url if url.startswith("/") else "/" + url
+
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
             await self.lifespan(receive, send)
             return
         if scope["type"] != "http":
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
+        if self.static is not None and scope["path"].startswith(self.static_prefix):
+            await self.static(scope, receive, send)
+            return
         match = self.fastlane.match(scope)
         if match is not None:
-            # Handed over in a box and dropped here: this frame lives as long as the stream.
+            # Handed over in a box and emptied there: this frame lives as long as the
+            # stream, and keeps neither the match nor the request.
             box = [match]
             del match
-            await self.handle_stream_request(scope, receive, send, box)
+            opened = await self.open_stream(scope, receive, send, box)
+            if opened is not None:
+                # Streamed from this frame: no coroutine of open_stream's stays alive
+                # with each stream.
+                start, frames = opened
+                del opened
+                await self.stream(start, frames, receive, send)
             return
         match = self.apilane.match(scope)
         if match is not None:
@@ -162,8 +187,9 @@ class ASGIHandler(DjangoASGIHandler):
     def apilane(self) -> ApiLane:
         return ApiLane(self.fastlane)
 
-    async def handle_stream_request(self, scope, receive, send, match) -> None:
-        """A GET to an event-stream view, on the lean lane (see fastlane.py).
+    async def open_stream(self, scope, receive, send, match) -> tuple[dict, Any] | None:
+        """Run an event-stream view on the lean lane; ``(start message, frames)`` to
+        stream, or None when a plain response (an error) was sent instead.
 
         ``match`` is the view's ``ResolverMatch``, or a one-item list holding it
         (emptied here, so that no frame keeps it while the stream is open).
@@ -174,23 +200,25 @@ class ASGIHandler(DjangoASGIHandler):
             body = await read_body(receive, settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
         except BodyTooLarge:
             await self.send_response(json_error(413, "too_large", "Body too large."), send)
-            return
+            return None
         if body is None:
-            return
-        set_script_prefix(get_script_prefix(scope))
+            return None
+        prefix = get_script_prefix(scope)
+        if not prefix.endswith("/"):
+            prefix += "/"
+        if prefix != current_script_prefix():  # set only when it changes: a context var each
+            set_script_prefix(prefix)
         request, response = await self.fastlane.get_response(self, scope, body, match)
         # A long-lived stream keeps neither the request, its resolver match nor the response.
         del request, match
         if isinstance(response, EventStreamResponse):
-            start, frames = response.start_message(), response.frames
-            del response
-            await self.stream(start, frames, receive, send)
-        else:
-            try:
-                await self.send_response(response, send)
-            finally:
-                for closer in response._resource_closers:
-                    closer()
+            return response.start_message(), response.frames
+        try:
+            await self.send_response(response, send)
+        finally:
+            for closer in response._resource_closers:
+                closer()
+        return None
 
     async def lifespan(self, receive, send) -> None:
         while True:
@@ -297,21 +325,20 @@ class ASGIHandler(DjangoASGIHandler):
             start.clear()
             await send(message)
             del message
-            pull = getattr(frames, "pull", None)
-            if pull is None:
+            # frames.pull() etc. are called, not kept as bound methods: this frame lives
+            # as long as the stream, and each would be one more object per stream.
+            if not hasattr(frames, "pull"):
                 async for chunk in frames:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             else:
-                arm = getattr(frames, "arm", None)
                 loop = asyncio.get_running_loop()
-                writer = _DirectWriter(frames, send) if arm is not None and steppable else None
-                # After a write, wait() is done at once if more came meanwhile.
-                wait = frames.wait
-                chunk = pull()
+                if steppable and hasattr(frames, "arm"):
+                    writer = _DirectWriter(frames, send)
+                chunk = frames.pull()
                 while chunk is not None:
                     if chunk:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    if writer is not None and arm(writer):
+                    if writer is not None and frames.arm(writer):
                         # Live and idle: the hub writes this stream's frames itself (see
                         # _DirectWriter); this task sleeps until the writer needs it.
                         park = writer.park = loop.create_future()
@@ -320,8 +347,9 @@ class ASGIHandler(DjangoASGIHandler):
                         if writer.error is not None or writer.pending is not None:
                             await writer.take_over()
                     else:
-                        await wait()
-                    chunk = pull()
+                        # After a write, wait() is done at once if more came meanwhile.
+                        await frames.wait()
+                    chunk = frames.pull()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not watch.gone:
@@ -442,6 +470,9 @@ class _Resume:
                     return
 
 
+_CALLBACK_CONTEXT = contextvars.Context()
+
+
 class _DisconnectWatch:
     """Cancels a stream's task when its client disconnects, without a task of its own.
 
@@ -481,9 +512,15 @@ class _DisconnectWatch:
             return
         if getattr(yielded, "_asyncio_future_blocking", None):
             yielded._asyncio_future_blocking = False
-            yielded.add_done_callback(self._step)
+            # The watch itself is the callback, run in one shared context: a bound
+            # method and a copy of the task's context would be two more objects per
+            # open stream. (receive() reads no context variables; callbacks run one
+            # at a time, so the shared context is never entered twice at once.)
+            yielded.add_done_callback(self, context=_CALLBACK_CONTEXT)
         else:  # a bare yield (sleep(0)): step again soon
             asyncio.get_running_loop().call_soon(self._step)
+
+    __call__ = _step  # as a future's done callback
 
     def _done(self, future: asyncio.Future) -> None:
         if not future.cancelled():

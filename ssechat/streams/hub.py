@@ -401,10 +401,17 @@ class Hub:
         self._early.clear()
 
     # -- connections -----------------------------------------------------------
-    def open(self, channels: Iterable[str], user_id: int | None = None) -> Connection:
-        """Register a stream. Its user and credentials default to the request's
-        (``stream_auth``, set by the lean lane), so revoking them closes it."""
-        auth_user, auth_key = stream_auth.get()
+    def open(
+        self,
+        channels: Iterable[str],
+        user_id: int | None = None,
+        *,
+        auth: tuple[int | None, str | None] | None = None,
+    ) -> Connection:
+        """Register a stream. Its user and credentials (``auth``: user id, credentials
+        key) default to the request's (``stream_auth``, set by the lean lane for the
+        view), so revoking them closes it."""
+        auth_user, auth_key = stream_auth.get() if auth is None else auth
         if user_id is None:
             user_id = auth_user
         conn = Connection(self, tuple(channels), user_id, self.queue_limit, auth_key)

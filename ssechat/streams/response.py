@@ -109,11 +109,13 @@ class Frames:
     layer; any other async iterable is read item by item.
     """
 
+    # No bound methods are kept (of the source's or its own): each would be one more
+    # object per open stream for the garbage collector to walk.
     __slots__ = (
-        "_arm",
+        "_armable",
         "_iterator",
         "_pending",
-        "_poll",
+        "_polled",
         "count",
         "ended",
         "error",
@@ -123,7 +125,6 @@ class Frames:
         "started",
         "stream",
         "user_id",
-        "wait",
     )
 
     def __init__(self, source: Any, stream: Any, retry_ms: int, label: str, user_id: Any):
@@ -136,10 +137,8 @@ class Frames:
         self.count = 0
         self.ended = False
         self.error: str | None = None
-        self._poll = getattr(source, "poll", None)
-        self._arm = getattr(source, "arm", None) if self._poll is not None else None
-        # What to await before pulling again (done at once if something is ready).
-        self.wait: Callable[[], Awaitable[Any]] = self._next if self._poll is None else source.wait
+        self._polled = hasattr(source, "poll")  # read through poll()/wait()
+        self._armable = self._polled and hasattr(source, "arm")
         self._iterator = None
         self._pending: list[bytes] | None = None  # read by _next(), not yet pulled
 
@@ -157,8 +156,9 @@ class Frames:
         chunks = self._pending
         if chunks is not None:
             self._pending = None
-        poll = self._poll
-        if poll is not None:
+        source = self.source
+        if self._polled and source is not None:
+            poll = source.poll
             try:
                 while True:
                     item = poll()
@@ -184,10 +184,17 @@ class Frames:
     def arm(self, waker: Any) -> bool:
         """If nothing is ready, have the source's next item call ``waker.set_result(None)``
         (see EventStream.arm). False: pull, or await ``wait()``."""
-        arm = self._arm
-        if arm is None or self._pending is not None or self.ended or self.source is None:
+        source = self.source
+        if not self._armable or self._pending is not None or self.ended or source is None:
             return False
-        return arm(waker)
+        return source.arm(waker)
+
+    def wait(self) -> Awaitable[Any]:
+        """What to await before pulling again (done at once if something is ready)."""
+        source = self.source
+        if source is None:
+            return _ended()
+        return source.wait() if self._polled else self._next()
 
     async def _next(self) -> None:
         """Read one item of a source without ``poll()`` (its ``wait``)."""
@@ -231,7 +238,6 @@ class Frames:
         source, stream, self.source, self.stream = self.source, self.stream, None, None
         if source is None:
             return
-        self.wait, self._arm = _ended, None
         try:
             iterator, self._iterator = self._iterator, None
             if iterator is not None and iterator is not source:

@@ -21,7 +21,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from .db import run_db
-from .hub import CLOSE, KEEPALIVE_SIGNAL, OVERFLOW, Connection, Signal, StoredEvent, get_hub
+from .hub import (
+    CLOSE,
+    KEEPALIVE_SIGNAL,
+    OVERFLOW,
+    Connection,
+    Signal,
+    StoredEvent,
+    get_hub,
+    stream_auth,
+)
 from .log import log_bounds, read_channels
 from .wire import KEEPALIVE, encode_json_event
 
@@ -111,6 +120,7 @@ class EventStream:
 
     __slots__ = (
         "_after",
+        "_auth",
         "_bounds",
         "_exhausted",
         "_phase",
@@ -136,6 +146,9 @@ class EventStream:
         bounds: tuple[int, int] | None = None,
     ):
         self.channels = tuple(dict.fromkeys(channels))
+        # The request's (user id, credentials key), read now: the connection is opened
+        # later, from the stream's task, after the request's context is gone.
+        self._auth = stream_auth.get()
         # (pruned through, latest id) as the caller just read them (log_bounds), to
         # check the resume position without another trip to the database threads.
         self._bounds = bounds
@@ -157,7 +170,8 @@ class EventStream:
     async def open(self) -> Connection:
         hub = get_hub()
         await hub.start()
-        self.connection = hub.open(self.channels, self.user_id)
+        self.connection = hub.open(self.channels, self.user_id, auth=self._auth)
+        self._auth = None
         return self.connection
 
     def close(self) -> None:
