@@ -97,7 +97,9 @@ class Config:
     only: tuple[str, ...] = ()
     phases: tuple[str, ...] = ("connect", "fanout", "throughput", "resume", "idle")
     ssechat_feed: str = "auto"
-    log_level: str = "INFO"
+    # Every server runs without a log line per request (uvicorn's --no-access-log);
+    # ssechat's equivalent is its INFO line per stream opened and closed.
+    log_level: str = "WARNING"
     plot: bool = True
     server_env: dict = field(default_factory=dict)
     chat_backend: str = "ollama"
@@ -217,15 +219,19 @@ async def phase_connect(server: ServerProc, target: Target, headers, cfg: Config
     base_rss, base_threads, base_fds = server.rss(), server.threads(), server.fds()
     group = Subscribers(server.port, target.stream_path, headers, mode=IDLE)
     seconds = cpu = system = loop_cpu = 0.0
+    gc_time: float | None = 0.0
     points, errors, failed = [], {}, 0
     opened = 0
     for step in cfg.connect_steps:
         cpu0, sys0 = server.cpu_seconds(), server.system_cpu_seconds()
         loop0 = server.main_thread_cpu_seconds()
+        gc0 = await asyncio.to_thread(gc_seconds, server.port)
         result = await group.connect(step - opened, window=cfg.connect_window, offset=opened)
         cpu += server.cpu_seconds() - cpu0
         system += server.system_cpu_seconds() - sys0
         loop_cpu += server.main_thread_cpu_seconds() - loop0
+        gc1 = await asyncio.to_thread(gc_seconds, server.port)
+        gc_time = None if gc0 is None or gc1 is None else (gc_time or 0.0) + gc1 - gc0
         opened = step
         seconds += result["seconds"]
         failed += result["failed"]
@@ -247,6 +253,10 @@ async def phase_connect(server: ServerProc, target: Target, headers, cfg: Config
         "cpu_ms_per_connect": round(cpu / cfg.connect_steps[-1] * 1e3, 3),
         # The event loop's thread; the rest is the database threads' (and the kernel's for them).
         "loop_cpu_ms_per_connect": round(loop_cpu / cfg.connect_steps[-1] * 1e3, 3),
+        # ssechat's garbage collections during the bursts (None for the other servers).
+        "gc_ms_per_connect": None
+        if gc_time is None
+        else round(gc_time / cfg.connect_steps[-1] * 1e3, 3),
         "system_cpu_share_pct": round(100 * system / cpu, 1) if cpu else None,
         "failed": failed,
         "errors": errors,
@@ -360,6 +370,12 @@ async def phase_fanout(
             group.close()
     await asyncio.sleep(1.0)
     return {"steps": steps}
+
+
+def gc_seconds(port: int) -> float | None:
+    """Seconds ssechat's garbage collector has taken so far (None for the other servers)."""
+    stats = hub_counters(port)
+    return sum(stats["gc"]["seconds"]) if stats and "gc" in stats else None
 
 
 def hub_counters(port: int) -> dict | None:
@@ -738,7 +754,11 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--profile", action="store_true", help="py-spy the ssechat server")
     parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples a second")
     parser.add_argument("--ssechat-feed", default="auto", choices=("auto", "notifications", "core"))
-    parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL of the ssechat server")
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        help="LOG_LEVEL of the ssechat server (WARNING: no line per stream, as the others)",
+    )
     parser.add_argument("--idle-streams", type=int, default=None)
     parser.add_argument("--publishers", type=int, default=None,
                         help="concurrent publishers in the throughput phase")  # fmt: skip

@@ -72,7 +72,7 @@ def notifications_available() -> bool:
     return views.exists() and "stream" in text
 
 
-def make_targets(ssechat_feed: str = "auto", ssechat_log_level: str = "INFO") -> list[Target]:
+def make_targets(ssechat_feed: str = "auto", ssechat_log_level: str = "WARNING") -> list[Target]:
     feed = ssechat_feed
     if feed == "auto":
         feed = "notifications" if notifications_available() else "core"

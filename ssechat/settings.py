@@ -33,6 +33,23 @@ def env_int(name: str, default: int) -> int:
         raise ImproperlyConfigured(f"{name} must be an integer, got {value!r}") from exc
 
 
+def env_gc_threshold(name: str, default: tuple[int, int, int]) -> tuple[int, int, int] | None:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value == "python":
+        return None
+    try:
+        parts = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or parts[0] < 1 or min(parts) < 0:
+        raise ImproperlyConfigured(
+            f"{name} must be three integers like 10000,10,10 (or 'python'), got {value!r}"
+        )
+    return parts  # type: ignore[return-value]
+
+
 def env_float(name: str, default: float) -> float:
     value = os.environ.get(name, "").strip()
     if not value:
@@ -230,6 +247,9 @@ SSECHAT_LOGIN_WINDOW_SECONDS = env_int("SSECHAT_LOGIN_WINDOW_SECONDS", 900)
 SSECHAT_AUTH_CACHE_SECONDS = env_float("SSECHAT_AUTH_CACHE_SECONDS", 2.0)
 # Expose process counters (open streams, tasks, threads) in /healthz: tests and benchmarks.
 SSECHAT_STATS = env_bool("SSECHAT_STATS", False)
+# The garbage collector's thresholds in a server process (see ssechat/collector.py):
+# three integers, or "python" for Python's own (700,10,10).
+SSECHAT_GC_THRESHOLD = env_gc_threshold("SSECHAT_GC_THRESHOLD", (10_000, 10, 10))
 # Static files served by the ASGI app itself (turn off behind a web server).
 SSECHAT_SERVE_STATIC = env_bool("SSECHAT_SERVE_STATIC", True)
 

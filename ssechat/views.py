@@ -14,6 +14,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
+from ssechat import collector
 from ssechat.streams.brokers import broker_name
 from ssechat.streams.db import run_db
 from ssechat.streams.hub import CLOSE, KEEPALIVE_SIGNAL, get_hub
@@ -65,6 +66,7 @@ def process_stats() -> dict:
         "handed_over": hub.handed_over,
         "broker": getattr(broker, "name", None),
         "listening": getattr(broker, "listening", None),
+        "gc": collector.snapshot(),
     }
 
 

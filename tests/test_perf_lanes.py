@@ -396,3 +396,45 @@ async def test_token_lookup_failing_on_the_database_is_503_on_both_lanes(apps, s
     on_lane = await call(lane, "POST", "/api/notifications/", token=token, body=NOTE)
     on_full = await call(full, "POST", "/api/notifications/", token=token, body=NOTE)
     assert _same(on_lane, on_full)[0] == 503
+
+
+async def test_stream_lane_sets_the_script_prefix_of_a_root_path(monkeypatch):
+    """The lane skips setting the prefix while every request has none; a request with
+    a root_path gets it, and later root requests get "/" again."""
+    from django.urls import get_script_prefix
+
+    from ssechat.api import json_error
+    from ssechat.streams.fastlane import FastLane
+
+    seen: list[str] = []
+
+    async def get_response(self, handler, scope, body, match):
+        seen.append(get_script_prefix())
+        return None, json_error(401, "not_authenticated", "no")
+
+    monkeypatch.setattr(FastLane, "get_response", get_response)
+    app = ASGIHandler()
+
+    async def stream_request(root: str) -> None:
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+            "scheme": "http", "path": f"{root}/api/notifications/stream/",
+            "raw_path": f"{root}/api/notifications/stream/".encode(), "query_string": b"",
+            "root_path": root, "headers": [(b"host", b"localhost")],
+            "client": ("127.0.0.1", 40000), "server": ("localhost", 80),
+        }  # fmt: skip
+        pending = [{"type": "http.request", "body": b"", "more_body": False}]
+
+        async def receive():
+            return pending.pop() if pending else await asyncio.sleep(3600)
+
+        async def send(message):
+            pass
+
+        # Each request in a task of its own, from this context, as a server runs them.
+        await asyncio.wait_for(asyncio.ensure_future(app(scope, receive, send)), 20)
+
+    await stream_request("")
+    await stream_request("/sub")
+    await stream_request("")
+    assert seen == ["/", "/sub/", "/"]

@@ -31,7 +31,6 @@ from django.core import signals
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler as DjangoASGIHandler
 from django.core.handlers.asgi import get_script_prefix
-from django.urls import get_script_prefix as current_script_prefix
 from django.urls import set_script_prefix
 
 from ssechat.api import json_error
@@ -130,6 +129,7 @@ def install_shutdown_hook() -> None:
 class ASGIHandler(DjangoASGIHandler):
     def __init__(self, *, serve_static: bool = False) -> None:
         super().__init__()
+        self.prefixed = False  # see open_stream
         self.static = None
         self.static_prefix = ""
         if serve_static:
@@ -156,6 +156,7 @@ class ASGIHandler(DjangoASGIHandler):
             box = [match]
             del match
             opened = await self.open_stream(scope, receive, send, box)
+            del box
             if opened is not None:
                 # Streamed from this frame: no coroutine of open_stream's stays alive
                 # with each stream.
@@ -204,9 +205,12 @@ class ASGIHandler(DjangoASGIHandler):
         if body is None:
             return None
         prefix = get_script_prefix(scope)
-        if not prefix.endswith("/"):
-            prefix += "/"
-        if prefix != current_script_prefix():  # set only when it changes: a context var each
+        if prefix not in ("", "/") or self.prefixed:
+            # Each request's task starts from the server's context, where no prefix is set
+            # and reading one gives "/": setting (or reading) it for every stream costs
+            # more than the rest of the request, so it is done only once any request of
+            # this process has had another prefix (a root_path, FORCE_SCRIPT_NAME).
+            self.prefixed = True
             set_script_prefix(prefix)
         request, response = await self.fastlane.get_response(self, scope, body, match)
         # A long-lived stream keeps neither the request, its resolver match nor the response.
