@@ -257,6 +257,8 @@ def summarize(answers: list[Answer], seconds: float, cpu: float, stored_deltas: 
     opening = sorted(
         (a.headers_at - a.accepted_at) / 1e6 for a in answers if a.headers_at and a.accepted_at
     )
+    # The message POST's round trip (the user's and the answer's rows stored).
+    posting = sorted((a.accepted_at - a.posted_at) / 1e6 for a in answers if a.accepted_at)
     # From the message POST to the answer's first text at the client (the upstream
     # answers at once): what a burst of answers costs the last ones to start.
     first_text = sorted((a.first_delta_at - a.posted_at) / 1e6 for a in answers if a.first_delta_at)
@@ -279,6 +281,8 @@ def summarize(answers: list[Answer], seconds: float, cpu: float, stored_deltas: 
         "server_cpu_pct": round(cpu / seconds * 100, 1) if seconds else None,
         "cpu_ms_per_1000_tokens": round(cpu / tokens * 1e6, 1) if tokens else None,
         "added_p99_per_quarter_second_ms": timeline,
+        "post_p50_ms": round(percentile(posting, 50), 1) if posting else None,
+        "post_max_ms": round(posting[-1], 1) if posting else None,
         "stream_open_p50_ms": round(percentile(opening, 50), 1) if opening else None,
         "stream_open_max_ms": round(opening[-1], 1) if opening else None,
         "first_text_p50_ms": round(percentile(first_text, 50), 1) if first_text else None,
@@ -376,7 +380,8 @@ def _chat_try(server, upstream, env: dict, tokens: list[str], profiled: bool, n:
     log(
         f"  chat: p99 per 0.25 s: {result['added_p99_per_quarter_second_ms']};"
         f" first text p50/max {result['first_text_p50_ms']}/"
-        f"{result['first_text_max_ms']} ms; stream open p50/max "
+        f"{result['first_text_max_ms']} ms; message POST p50/max {result['post_p50_ms']}/"
+        f"{result['post_max_ms']} ms; stream open p50/max "
         f"{result['stream_open_p50_ms']}/{result['stream_open_max_ms']} ms"
     )
     log(
