@@ -311,10 +311,14 @@ def run_chat(cfg, log, target=None) -> dict:
     )  # fmt: skip
     server = None
     results = []
+    database = contextlib.ExitStack()
     try:
         upstream.stdout.readline()
-        db_path = cfg.workdir / "chat.sqlite3"
-        env = target.server_env(bench.base_env(), str(db_path))
+        if cfg.chat_db == "postgres":
+            db = database.enter_context(bench.pg_database("chat"))
+        else:
+            db = str(cfg.workdir / "chat.sqlite3")
+        env = target.server_env(bench.base_env(), db)
         env.update(
             SSECHAT_LLM_BACKEND=backend, SSECHAT_LLM_URL=f"http://127.0.0.1:{up_port}",
             SSECHAT_LLM_MODEL="fake-model",
@@ -343,6 +347,7 @@ def run_chat(cfg, log, target=None) -> dict:
     finally:
         if server is not None:
             server.stop()
+        database.close()
         with contextlib.suppress(Exception):
             upstream.stdin.close()
         try:
@@ -351,6 +356,7 @@ def run_chat(cfg, log, target=None) -> dict:
             upstream.kill()
     return {
         "backend": backend,
+        "database": cfg.chat_db,
         "tokens_per_second": rate,
         "tokens_per_answer": tokens_n,
         "steps": results,

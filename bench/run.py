@@ -103,6 +103,7 @@ class Config:
     plot: bool = True
     server_env: dict = field(default_factory=dict)
     chat_backend: str = "ollama"
+    chat_db: str = "sqlite"  # or "postgres" (a database of its own on PG_ADMIN_URL's server)
     chat_answers: int = 0
     chat_tokens: int = 0
     chat_repeats: int = 3
@@ -693,14 +694,36 @@ def pg_available() -> bool:
         return False
 
 
-def run_pg(target: Target, cfg: Config) -> dict:
+@contextlib.contextmanager
+def pg_database(label: str):
+    """A new PostgreSQL database for one step (its URL), dropped afterwards."""
     import psycopg
 
-    name = f"ssechat_bench_{os.getpid()}"
+    name = f"ssechat_bench_{label}_{os.getpid()}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
         admin.execute(f'CREATE DATABASE "{name}"')
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                [name],
+            )
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+def run_pg(target: Target, cfg: Config) -> dict:
+    with pg_database("fanout") as url:
+        return _run_pg(target, cfg, url)
+
+
+def _run_pg(target: Target, cfg: Config, url: str) -> dict:
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
     out: dict = {"database": "postgresql"}
     servers: list[ServerProc] = []
     try:
@@ -732,13 +755,6 @@ def run_pg(target: Target, cfg: Config) -> dict:
     finally:
         for s in servers:
             s.stop()
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE datname = %s AND pid <> pg_backend_pid()",
-                [name],
-            )
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
     return out
 
 
@@ -769,6 +785,12 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--chat-repeats", type=int, default=None,
                         help="tries of each chat step (the median p99 stands)")  # fmt: skip
     parser.add_argument("--chat-backend", default="ollama", choices=("ollama", "openai"))
+    parser.add_argument(
+        "--chat-db",
+        default="sqlite",
+        choices=("sqlite", "postgres"),
+        help="the chat step's database",
+    )
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     cfg = Config.quick_config() if args.quick else Config()
@@ -787,6 +809,7 @@ def parse_args(argv: list[str] | None) -> Config:
     cfg.plot = not args.no_plot
     cfg.chat_answers = args.chat_answers
     cfg.chat_backend = args.chat_backend
+    cfg.chat_db = args.chat_db
     cfg.chat_tokens = args.chat_tokens
     if args.chat_repeats is not None:
         cfg.chat_repeats = args.chat_repeats
