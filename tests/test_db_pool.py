@@ -173,3 +173,29 @@ async def test_a_batched_call_whose_caller_left_is_not_made():
     await first
     await asyncio.gather(*calls, return_exceptions=True)
     assert made == [0, 2]
+
+
+async def test_a_batch_stops_calling_the_database_once_it_is_down():
+    import asyncio
+
+    from django.db import OperationalError
+
+    started, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def call(n: int) -> int:
+        calls.append(n)
+        if n == 1:
+            raise OperationalError("server closed the connection")
+        return n
+
+    first = asyncio.ensure_future(db.run_db_batched(lambda: (started.set(), release.wait(WAIT))))
+    assert await asyncio.to_thread(started.wait, WAIT)
+    batch = [asyncio.ensure_future(db.run_db_batched(call, n)) for n in range(4)]
+    await asyncio.sleep(0.01)
+    release.set()
+    await first
+    results = await asyncio.gather(*batch, return_exceptions=True)
+    assert results[0] == 0
+    assert all(isinstance(r, OperationalError) for r in results[1:])
+    assert calls == [0, 1, 1]  # the failed call retried once on a new connection, no others

@@ -291,7 +291,7 @@ class _CallBatcher:
             return
         try:
             done = _submit_awaitable(functools.partial(_run_batch, batch), False)
-        except BaseException as exc:  # the pool is shut down
+        except RuntimeError as exc:  # the pool is shut down
             for _, future in batch:
                 if not future.cancelled():
                     future.set_exception(exc)
@@ -324,14 +324,22 @@ def _run_batch(
     batch: list[tuple[Callable[[], Any], asyncio.Future]],
 ) -> list[tuple[Any, BaseException | None]]:
     outcomes: list[tuple[Any, BaseException | None]] = []
+    down: BaseException | None = None
     for call, future in batch:
         if future.cancelled():  # its caller stopped waiting meanwhile (a flag read)
             outcomes.append((None, None))
-            continue
-        try:
-            outcomes.append((call(), None))
-        except Exception as exc:
-            outcomes.append((None, exc))
+        elif down is not None:
+            # The database failed a call even on a new connection: the rest of the batch
+            # fails at once rather than each waiting for its own failed connect, in turn.
+            outcomes.append((None, down))
+        else:
+            try:
+                outcomes.append((call(), None))
+            except (OperationalError, InterfaceError) as exc:
+                down = exc
+                outcomes.append((None, exc))
+            except Exception as exc:
+                outcomes.append((None, exc))
     return outcomes
 
 
