@@ -147,7 +147,7 @@ def _post_message(user_id: int, pk: int, content: str) -> tuple[Message, Message
         answer = generation.create_answer(user_message, conversation)
     # Read on this thread (the answer's task then starts without a database hop), after
     # the commit: inside, SQLite's write lock would be held for it.
-    return user_message, answer, generation.history_for(user_message.pk)
+    return user_message, answer, generation.history_for(user_message.pk, target=user_message)
 
 
 @api_view(("POST",), lane=True)

@@ -35,7 +35,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connections, transaction
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    InterfaceError,
+    OperationalError,
+    connections,
+    router,
+    transaction,
+)
 from django.db.models import Q
 from django.utils import timezone
 
@@ -132,39 +139,57 @@ def create_answer(user_message: Message, conversation: Conversation) -> Message:
     return answer
 
 
-def history_for(user_message_id: int) -> list[dict[str, str]] | None:
+def history_for(
+    user_message_id: int, *, target: Message | None = None
+) -> list[dict[str, str]] | None:
     """The conversation sent to the model for an answer to ``user_message_id``.
 
     Every complete message before it, oldest first, each user message followed
     by its latest complete answer (a regenerated answer replaces the earlier
     ones), then the user message itself. None if the message is gone (deleted).
+    ``target``: the user message when the caller has just read or stored it.
+
+    One plain query (every message POST reads it: building it through the ORM
+    cost more than running it).
     """
-    target = Message.objects.filter(pk=user_message_id).first()
     if target is None:
-        return None
-    rows = (
-        Message.objects.filter(conversation_id=target.conversation_id, status="complete")
-        .filter(
-            Q(role=Message.Role.USER, id__lt=target.pk)
-            | Q(role=Message.Role.ASSISTANT, reply_to_id__lt=target.pk)
-            | Q(role=Message.Role.ASSISTANT, reply_to__isnull=True, id__lt=target.pk)
-        )
-        .order_by("id")
-        .values_list("id", "role", "content", "reply_to_id")
+        target = Message.objects.filter(pk=user_message_id).first()
+        if target is None:
+            return None
+    connection = connections[router.db_for_read(Message)]
+    quote = connection.ops.quote_name
+    pk, role, content, reply_to, conversation, status = (
+        quote(Message._meta.get_field(name).column)
+        for name in ("id", "role", "content", "reply_to", "conversation", "status")
     )
+    user, assistant = str(Message.Role.USER), str(Message.Role.ASSISTANT)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {pk}, {role}, {content}, {reply_to}"  # noqa: S608 - the model's own table and columns
+            f" FROM {quote(Message._meta.db_table)}"
+            f" WHERE {conversation} = %s AND {status} = %s"
+            f" AND (({role} = %s AND {pk} < %s) OR ({role} = %s AND {reply_to} < %s)"
+            f" OR ({role} = %s AND {reply_to} IS NULL AND {pk} < %s))"
+            f" ORDER BY {pk}",
+            [
+                target.conversation_id, str(Message.Status.COMPLETE),
+                user, target.pk, assistant, target.pk, assistant, target.pk,
+            ],
+        )  # fmt: skip
+        rows = cursor.fetchall()
     placed: list[tuple[int, int, int, str, str]] = []
     latest_answer: dict[int, tuple[int, str]] = {}
-    for pk, role, content, reply_to_id in rows:
-        if role == Message.Role.USER:
-            placed.append((pk, 0, pk, role, content))
+    for row_pk, row_role, text, reply_to_id in rows:
+        if row_role == user:
+            placed.append((row_pk, 0, row_pk, row_role, text))
         elif reply_to_id is None:
-            placed.append((pk, 1, pk, role, content))
+            placed.append((row_pk, 1, row_pk, row_role, text))
         else:
-            latest_answer[reply_to_id] = (pk, content)  # ordered by id: the last one wins
-    for reply_to_id, (pk, content) in latest_answer.items():
-        placed.append((reply_to_id, 1, pk, Message.Role.ASSISTANT, content))
+            latest_answer[reply_to_id] = (row_pk, text)  # ordered by id: the last one wins
+    for reply_to_id, (row_pk, text) in latest_answer.items():
+        placed.append((reply_to_id, 1, row_pk, assistant, text))
     placed.sort()
-    history = [{"role": str(role), "content": content} for *_, role, content in placed]
+    history = [{"role": str(r), "content": text} for *_, r, text in placed]
     history.append({"role": "user", "content": target.content})
     return history
 

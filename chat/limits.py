@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 import os
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
+from django.db import connections, router
 from django.http import JsonResponse
 from django.utils import timezone
 
@@ -126,25 +127,24 @@ def check_message_length(content: Any) -> str:
 def check_answer_limits(user_id: int) -> None:
     """Refuse a new answer for ``user_id`` with 429 when one of the limits is reached.
 
-    Sync ORM code; call it in the transaction that creates the answer.
+    Sync ORM code; call it in the transaction that creates the answer. Both
+    limits are counted in one plain query (every message POST runs it); the
+    time to wait is read only when the rate limit refuses.
     """
     active = max_active_answers()
-    if active > 0:
-        streaming = Message.objects.filter(
-            conversation__owner_id=user_id,
-            role=Message.Role.ASSISTANT,
-            status=Message.Status.STREAMING,
-        ).count()
-        if streaming >= active:
-            raise LimitExceeded(
-                f"You already have {streaming} answer(s) being written (the limit is {active}); "
-                "wait for one to finish or stop it.",
-                code="too_many_active_answers",
-                retry_after=1,
-            )
     per_minute = requests_per_minute()
-    if per_minute > 0:
-        since = timezone.now() - timedelta(seconds=RATE_WINDOW_SECONDS)
+    if active <= 0 and per_minute <= 0:
+        return
+    since = timezone.now() - timedelta(seconds=RATE_WINDOW_SECONDS)
+    streaming, recent_count = _answer_counts(user_id, since, max(per_minute, 0))
+    if active > 0 and streaming >= active:
+        raise LimitExceeded(
+            f"You already have {streaming} answer(s) being written (the limit is {active}); "
+            "wait for one to finish or stop it.",
+            code="too_many_active_answers",
+            retry_after=1,
+        )
+    if per_minute > 0 and recent_count >= per_minute:
         recent = list(
             Message.objects.filter(
                 conversation__owner_id=user_id,
@@ -166,3 +166,37 @@ def check_answer_limits(user_id: int) -> None:
                 code="rate_limited",
                 retry_after=retry_after,
             )
+
+
+def _answer_counts(user_id: int, since: datetime, cap: int) -> tuple[int, int]:
+    """(the user's answers being written, their generated answers created since
+    ``since``, counted up to ``cap``) in one query."""
+    from .models import Conversation
+
+    connection = connections[router.db_for_read(Message)]
+    quote = connection.ops.quote_name
+
+    def column(model: Any, name: str) -> str:
+        return quote(model._meta.get_field(name).column)
+
+    message, conversation = quote(Message._meta.db_table), quote(Conversation._meta.db_table)
+    joined = (
+        f"{message} m JOIN {conversation} c ON c.{column(Conversation, 'id')}"
+        f" = m.{column(Message, 'conversation')}"
+        f" WHERE c.{column(Conversation, 'owner')} = %s AND m.{column(Message, 'role')} = %s"
+    )
+    sql = (
+        f"SELECT (SELECT COUNT(*) FROM {joined} AND m.{column(Message, 'status')} = %s),"  # noqa: S608 - the models' own tables and columns
+        f" (SELECT COUNT(*) FROM (SELECT 1 FROM {joined}"
+        f" AND m.{column(Message, 'reply_to')} IS NOT NULL"
+        f" AND m.{column(Message, 'created_at')} >= %s LIMIT %s) recent)"
+    )
+    assistant = str(Message.Role.ASSISTANT)
+    params = [
+        user_id, assistant, str(Message.Status.STREAMING),
+        user_id, assistant, connection.ops.adapt_datetimefield_value(since), cap,
+    ]  # fmt: skip
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        streaming, recent = cursor.fetchone()
+    return streaming, recent
