@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from ssechat.api import ApiError
 
-from .models import Message
+from .models import Conversation, Message
 
 RATE_WINDOW_SECONDS = 60
 
@@ -171,8 +171,6 @@ def check_answer_limits(user_id: int) -> None:
 def _answer_counts(user_id: int, since: datetime, cap: int) -> tuple[int, int]:
     """(the user's answers being written, their generated answers created since
     ``since``, counted up to ``cap``) in one query."""
-    from .models import Conversation
-
     connection = connections[router.db_for_read(Message)]
     quote = connection.ops.quote_name
 

@@ -34,13 +34,19 @@ def _validate_name(kind: str, value: str, limit: int) -> str:
 _pg_sequence: dict[str, str] = {}
 
 
-def _pg_insert(conn, channel: str, parent: str, event_type: str, data: str) -> int:
+def _pg_event_sequence(conn, cursor) -> str:
+    """The name of the event table's id sequence on ``conn`` (looked up once)."""
     seq = _pg_sequence.get(conn.alias)
+    if seq is None:
+        cursor.execute("SELECT pg_get_serial_sequence(%s, 'id')", [Event._meta.db_table])
+        seq = _pg_sequence[conn.alias] = cursor.fetchone()[0]
+    return seq
+
+
+def _pg_insert(conn, channel: str, parent: str, event_type: str, data: str) -> int:
     table = Event._meta.db_table
     with conn.cursor() as cursor:
-        if seq is None:
-            cursor.execute("SELECT pg_get_serial_sequence(%s, 'id')", [table])
-            seq = _pg_sequence[conn.alias] = cursor.fetchone()[0]
+        seq = _pg_event_sequence(conn, cursor)
         # The transaction takes its xid *before* the event id, so a broker that
         # sees a gap in ids knows every transaction that could still fill it
         # was already running (see brokers.PostgresBroker). The NOTIFY is
@@ -65,12 +71,9 @@ def _pg_insert_many(conn, rows: list[tuple[str, str, str, str]]) -> list[int]:
     their ids, taken after the transaction's xid as ``_pg_insert`` takes one, then
     one multi-row INSERT with one NOTIFY. The ids are handed to the rows in
     ascending order, so the events' ids follow their order."""
-    seq = _pg_sequence.get(conn.alias)
     table = Event._meta.db_table
     with conn.cursor() as cursor:
-        if seq is None:
-            cursor.execute("SELECT pg_get_serial_sequence(%s, 'id')", [table])
-            seq = _pg_sequence[conn.alias] = cursor.fetchone()[0]
+        seq = _pg_event_sequence(conn, cursor)
         cursor.execute(
             "WITH xact AS MATERIALIZED (SELECT pg_current_xact_id())"
             " SELECT nextval(%s::regclass) FROM xact, generate_series(1, %s)",
