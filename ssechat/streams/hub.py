@@ -166,6 +166,7 @@ class Connection:
             self._first = None
             rest.clear()
             self.overflowed = True
+            self.hub.overflows += 1
         else:
             rest.append(item)
 
@@ -249,6 +250,7 @@ class Hub:
         # clients), well below a mailbox's limit so that one that keeps up never overflows.
         self.wake_batch = max(1, min(64, self.queue_limit // 4))
         self.dispatched = 0
+        self.overflows = 0  # mailboxes emptied for a slow client (it then reads the log)
         # Events committed by this process, waiting for the loop (see offer()).
         self._offered: deque[StoredEvent] = deque()
         self._offer_scheduled = False
