@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from ssechat.api import ApiError, api_view, parse_json_body
 from ssechat.streams.db import run_db_request
+from ssechat.streams.rows import only_row
 
 from . import generation
 from .limits import check_answer_limits, check_message_length, clean_text
@@ -67,7 +68,7 @@ def _owned_conversation(user_id: int, pk: int, *, lock: bool = False) -> Convers
     query = Conversation.objects.filter(pk=check_pk(pk), owner_id=user_id)
     if lock:
         query = query.select_for_update(no_key=True)
-    conversation = query.first()
+    conversation = only_row(query)
     if conversation is None:
         raise not_found()
     return conversation
@@ -143,8 +144,7 @@ def _post_message(user_id: int, pk: int, content: str) -> tuple[Message, Message
         conversation = _owned_conversation(user_id, pk, lock=True)
         _check_idle(conversation)
         check_answer_limits(user_id)
-        user_message = generation.create_user_message(conversation, content)
-        answer = generation.create_answer(user_message, conversation)
+        user_message, answer = generation.create_exchange(conversation, content)
     # Read on this thread (the answer's task then starts without a database hop), after
     # the commit: inside, SQLite's write lock would be held for it.
     return user_message, answer, generation.history_for(user_message.pk, target=user_message)
@@ -172,10 +172,10 @@ async def post_message(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 def _owned_message(user_id: int, pk: int) -> Message:
-    message = (
-        Message.objects.select_related("conversation")
-        .filter(pk=check_pk(pk, "message"), conversation__owner_id=user_id)
-        .first()
+    message = only_row(
+        Message.objects.select_related("conversation").filter(
+            pk=check_pk(pk, "message"), conversation__owner_id=user_id
+        )
     )
     if message is None:
         raise not_found("message")

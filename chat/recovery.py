@@ -27,6 +27,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from ssechat.streams.db import run_db, spawn
+from ssechat.streams.rows import only_row
 
 from . import limits
 from .models import Message
@@ -144,7 +145,7 @@ def fail_if_abandoned(message: Message) -> Message:
         logger.warning("marked abandoned answer %s failed", message.pk)
         return done
     # Someone else ended it meanwhile: the row says how.
-    return Message.objects.filter(pk=message.pk).first() or message
+    return only_row(Message.objects.filter(pk=message.pk)) or message
 
 
 def heartbeat(ids: list[int]) -> list[int]:

@@ -22,6 +22,7 @@ from ssechat.streams.db import run_db
 from ssechat.streams.hub import StoredEvent
 from ssechat.streams.log import log_bounds
 from ssechat.streams.response import EventStreamResponse, event_stream_view
+from ssechat.streams.rows import only_row
 from ssechat.streams.stream import LIVE, EventStream, Reset, resume_id
 from ssechat.streams.wire import encode_json_event
 
@@ -34,9 +35,11 @@ from .serializers import message_json
 
 def _load_answer(user_id: int, pk: int) -> Message | None:
     message = (
-        Message.objects.filter(
-            pk=pk, conversation__owner_id=user_id, role=Message.Role.ASSISTANT
-        ).first()
+        only_row(
+            Message.objects.filter(
+                pk=pk, conversation__owner_id=user_id, role=Message.Role.ASSISTANT
+            )
+        )
         if pk <= MAX_PK
         else None
     )
@@ -57,7 +60,7 @@ def _owns_conversation(user_id: int, pk: int) -> bool:
 
 
 def _reload(pk: int) -> Message | None:
-    return Message.objects.filter(pk=pk).first()
+    return only_row(Message.objects.filter(pk=pk))
 
 
 def _as_int(value: str | None) -> int | None:

@@ -12,6 +12,7 @@ from django.http import JsonResponse
 from django.utils import timezone
 
 from ssechat.api import json_error
+from ssechat.streams.rows import only_row
 
 from .models import ApiToken, hash_token
 
@@ -30,8 +31,8 @@ def user_for_token_sync(token: str):
     """The active user a token belongs to, or None."""
     if not token or len(token) > 200:
         return None
-    row = (
-        ApiToken.objects.active().select_related("user").filter(key_hash=hash_token(token)).first()
+    row = only_row(
+        ApiToken.objects.active().select_related("user").filter(key_hash=hash_token(token))
     )
     if row is None:
         return None

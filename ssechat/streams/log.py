@@ -239,8 +239,28 @@ def latest_id() -> int:
     return Event.objects.aggregate(m=Max("id"))["m"] or 0
 
 
+_bounds_sql: dict[str, str] = {}
+
+
 def log_bounds() -> tuple[int, int]:
-    """(pruned_through, latest id): a resume id must lie between them."""
-    state = EventLogState.objects.filter(pk=1).values_list("pruned_through", flat=True).first()
-    pruned = state or 0
-    return pruned, max(latest_id(), pruned)
+    """(pruned_through, latest id): a resume id must lie between them.
+
+    One plain query (every stream that resumes, and every chat answer's stream, reads
+    them when it opens: through the ORM they were two, each compiled anew).
+    """
+    conn = connections[DEFAULT_DB_ALIAS]
+    sql = _bounds_sql.get(conn.alias)
+    if sql is None:
+        quote = conn.ops.quote_name
+        state, event = EventLogState._meta, Event._meta
+        pruned_column = state.get_field("pruned_through").column
+        sql = _bounds_sql[conn.alias] = (
+            f"SELECT (SELECT {quote(pruned_column)} FROM {quote(state.db_table)}"  # noqa: S608 - the models' own tables
+            f" WHERE {quote(state.pk.column)} = 1),"
+            f" (SELECT MAX({quote(event.pk.column)}) FROM {quote(event.db_table)})"
+        )
+    with conn.cursor() as cursor:
+        cursor.execute(sql)
+        pruned, latest = cursor.fetchone()
+    pruned = pruned or 0
+    return pruned, max(latest or 0, pruned)

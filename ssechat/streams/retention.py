@@ -9,6 +9,7 @@ from django.db.models import Max
 from django.utils import timezone
 
 from .models import Event, EventLogState
+from .rows import only_row
 
 DELETE_BATCH = 10_000
 
@@ -54,5 +55,5 @@ def prune_events(max_age_seconds: float | None, keep_count: int | None) -> tuple
             if not ids:
                 break
             deleted += Event.objects.filter(id__in=ids).delete()[0]
-    pruned = EventLogState.objects.filter(pk=1).values_list("pruned_through", flat=True).first()
+    pruned = only_row(EventLogState.objects.filter(pk=1).values_list("pruned_through", flat=True))
     return deleted, pruned or 0
