@@ -293,18 +293,22 @@ class StreamAuthenticator:
             return None
         return self.tokens.get(hash_token(token))
 
-    def user_for_token(self, token: str):
+    def user_for_token(self, token: str, *, fresh: bool = False):
+        """The user of ``token`` (None if it is invalid or revoked), from the cache
+        unless ``fresh``; a user read from the database is kept in the cache."""
         from .middleware import user_for_token_sync
         from .models import hash_token
 
         key = hash_token(token) if token and len(token) <= 200 else None
         if key is None:
             return None
-        user = self.tokens.get(key)
+        user = None if fresh else self.tokens.get(key)
         if user is None:
             user = user_for_token_sync(token)
             if user is not None:
                 self.tokens.put(key, user)
+            else:
+                self.tokens.items.pop(key, None)
         return user
 
 

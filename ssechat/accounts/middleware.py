@@ -44,7 +44,19 @@ def user_for_token_sync(token: str):
 
 
 async def user_for_token(token: str):
-    return await sync_to_async(user_for_token_sync)(token)
+    """The token's user, read from the database: a revoked token is refused at once.
+
+    The user is also kept in the process's cache of token users, which the stream
+    and API lanes use (``SSECHAT_AUTH_CACHE_SECONDS``): a client that creates a
+    conversation and then posts to it is looked up once.
+    """
+    return await sync_to_async(_fresh_user_for_token)(token)
+
+
+def _fresh_user_for_token(token: str):
+    from .fastauth import get_authenticator
+
+    return get_authenticator().user_for_token(token, fresh=True)
 
 
 def invalid_token_response(path: str) -> JsonResponse:
