@@ -521,3 +521,30 @@ def test_sqlite_placeholder_conversions_are_remembered():
         cursor.execute("SELECT %(a)s", {"a": 5})
         assert cursor.fetchone() == (5,)
     assert "SELECT %(a)s" not in base._converted
+
+
+@pytest.mark.django_db(transaction=True)
+def test_log_bounds_and_only_row_in_plain_queries():
+    """``log_bounds`` reads the pruned and the latest id in one query; ``only_row``
+    reads a row by a unique key with no ORDER BY (not even the model's default)."""
+    from django.test.utils import CaptureQueriesContext
+
+    from chat.models import Conversation
+    from ssechat.accounts.models import ApiToken
+    from ssechat.streams.log import log_bounds
+    from ssechat.streams.retention import prune_events
+    from ssechat.streams.rows import only_row
+
+    ids = [publish(f"bounds-{uuid.uuid4().hex}", "tick", {"n": n}) for n in range(5)]
+    with CaptureQueriesContext(connection) as queries:
+        pruned, latest = log_bounds()
+    assert len(queries) == 1 and latest == ids[-1] and pruned < ids[0]
+    prune_events(None, 2)  # keeps the last two
+    assert log_bounds() == (ids[-3], ids[-1])
+
+    assert ApiToken._meta.ordering and Conversation._meta.ordering  # defaults to clear
+    with CaptureQueriesContext(connection) as queries:
+        assert only_row(ApiToken.objects.filter(pk=-1)) is None
+        assert only_row(Event.objects.filter(pk=ids[-1])).pk == ids[-1]
+    assert len(queries) == 2
+    assert not any("ORDER BY" in q["sql"] for q in queries.captured_queries)

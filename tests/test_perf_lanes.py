@@ -10,9 +10,10 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AnonymousUser, Permission
 from django.db import DatabaseError
+from django.utils import timezone
 
 from ssechat.accounts.fastauth import StreamAuthenticator, get_authenticator
-from ssechat.accounts.models import ApiToken
+from ssechat.accounts.models import ApiToken, hash_token
 from ssechat.streams.handler import ASGIHandler
 
 from .conftest import session_cookies
@@ -249,6 +250,21 @@ def test_user_saved_drops_cached_token_users(alice, api_token):
     alice.is_active = False
     alice.save()  # post_save: this process forgets the user's cached token
     assert auth.user_for_token(token) is None
+
+
+def test_a_fresh_token_lookup_fills_the_cache_and_a_refused_one_empties_it(alice, api_token):
+    """The API middleware reads every token afresh (a revoked one is refused at once)
+    and leaves the user in the lanes' cache; a token it finds revoked leaves it."""
+    auth = get_authenticator()
+    token = api_token(alice)
+    assert auth.cached_user_for_token(token) is None
+    assert auth.user_for_token(token, fresh=True).pk == alice.pk
+    assert auth.cached_user_for_token(token).pk == alice.pk
+    # Revoked where no signal reaches this process (another host): only a fresh read sees it.
+    ApiToken.objects.filter(key_hash=hash_token(token)).update(revoked_at=timezone.now())
+    assert auth.cached_user_for_token(token).pk == alice.pk
+    assert auth.user_for_token(token, fresh=True) is None
+    assert auth.cached_user_for_token(token) is None
 
 
 def test_sessions_of_a_deleted_user_or_a_logged_out_session_are_anonymous(alice, make_user):
