@@ -53,6 +53,7 @@ from ssechat.streams.rows import insert, only_row
 
 from . import limits, recovery
 from .llm import LLMError, Usage, get_backend
+from .llm.base import next_take
 from .models import Conversation, Message
 from .serializers import message_json
 
@@ -509,6 +510,7 @@ class _Flusher:
         self.idle = False
         self.waiter: asyncio.Future | None = None
         self.last_tick = -1e9
+        self.next_due = -1e9  # last_tick + the flush interval
         self.transactions = 0
         self.chunks = 0
         self.task = spawn(self._run(), name="chat-flusher")
@@ -524,6 +526,10 @@ class _Flusher:
 
     def discard(self, generation: _Generation) -> None:
         self.dirty.pop(generation, None)
+
+    def next_tick_at(self) -> float:
+        """When the next tick is due (loop time; in the past: as soon as it can)."""
+        return self.next_due
 
     async def _sleep(self, until: float | None) -> None:
         """Until ``until`` (loop time), or until woken by :meth:`mark`."""
@@ -544,12 +550,13 @@ class _Flusher:
             if not self.dirty:
                 await self._sleep(None)
                 continue
-            due = self.last_tick + limits.flush_seconds()
+            due = self.next_due = self.last_tick + limits.flush_seconds()
             if not self.urgent and loop.time() < due:
                 await self._sleep(due)
                 continue
             self.urgent = False
             self.last_tick = loop.time()
+            self.next_due = self.last_tick + limits.flush_seconds()
             try:
                 await self._tick()
             except asyncio.CancelledError:
@@ -828,6 +835,9 @@ class _Generation:
         usage: Usage | None = None
         error: str | None = None
         self.reading = True
+        # The model's reader may hold text until just before our next tick (one wake-up
+        # a tick): this task's own context, so no other answer sees it.
+        next_take.set(self.flusher.next_tick_at)
         try:
             backend = get_backend()
             async with aclosing(backend.stream_batches(history or [])) as batches:

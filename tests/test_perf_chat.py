@@ -61,10 +61,15 @@ def test_lone_cr_before_more_text():
 
 @pytest.mark.parametrize(
     "text",
-    ['{"a": 1}', ' {"a": 1}', '{"a": 1} ', '"x"', "[1, 2]", "3", "null", '{"a": "\\u00e9"}'],
+    [
+        *['{"a": 1}', ' {"a": 1}', '{"a": 1} ', '"x"', "[1, 2]", "3", "null", '{"a": "\\u00e9"}'],
+        # What orjson refuses and json.loads accepts: NaN, infinities, a lone surrogate.
+        *["[NaN, Infinity, -Infinity]", '{"a": "\\ud800"}', '{"a": 1e400}', str(2**64 - 1)],
+    ],
 )
 def test_parse_json_is_json_loads(text):
-    assert parse_json(text) == json.loads(text)
+    got, expected = parse_json(text), json.loads(text)
+    assert repr(got) == repr(expected)  # repr: NaN equals nothing, not even itself
 
 
 @pytest.mark.parametrize("text", ["", " ", "{", '{"a": 1} x', '{"a": 1}{"b": 2}', "1, 2", "nope"])
@@ -477,3 +482,37 @@ async def test_raw_client_reason_phrase_and_charset():
             batches = [batch async for batch in response.line_batches()]
     assert (response.status_code, response.reason_phrase) == (503, "Busy Now")
     assert batches == [["abé"], ["cd"]]  # the unterminated tail comes at the end
+
+
+async def test_raw_client_holds_text_until_just_before_it_is_taken():
+    """With ``next_take`` set (an answer's generation: its next flush tick), what comes
+    before that moment is handed over in one wake-up just before it; once the moment
+    has passed, text comes as it arrives."""
+    from chat.llm import rawhttp
+    from chat.llm.base import next_take
+
+    async def script(writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        for piece in (b"a", b"b", b"c"):
+            await asyncio.sleep(0.03)  # after the head: what comes with it is handed over
+            writer.write(b"1\r\n" + piece + b"\r\n")
+            await writer.drain()
+        await asyncio.sleep(0.5)  # past the take
+        writer.write(b"1\r\nd\r\n0\r\n\r\n")
+        await writer.drain()
+
+    loop = asyncio.get_running_loop()
+    take = loop.time() + 0.4
+    next_take.set(lambda: take)
+    received = []
+    server, url = await raw_server(script)
+    async with server:
+        async with rawhttp.post_stream(
+            url + "/x", {}, {}, connect_timeout=2, read_timeout=5
+        ) as response:
+            async for data in response.aiter_bytes():
+                received.append((loop.time(), data))
+    assert [data for _, data in received] == [b"abc", b"d"]
+    # Timers never fire early (asyncio's clock resolution aside).
+    assert received[0][0] >= take - rawhttp.TAKE_LEAD - 0.001

@@ -22,13 +22,13 @@ import asyncio
 import json
 import socket
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httptools
 import httpx
 
-from .base import split_lines
+from .base import next_take, split_lines
 
 MAX_HEAD = 64 * 1024  # bytes of status line and headers
 HIGH_WATER = 4 * 1024 * 1024  # body bytes buffered before reading pauses
@@ -37,6 +37,11 @@ HIGH_WATER = 4 * 1024 * 1024  # body bytes buffered before reading pauses
 # its lines) per interval, not per network read. The answer's chunks are stored
 # every SSECHAT_CHAT_FLUSH_MS (25 ms) anyway; the end and errors wake it at once.
 READ_INTERVAL = 0.01
+# With base.next_take set (an answer's generation), the task is woken this long
+# before the text's next flush tick instead: what came since the last wake-up makes
+# that tick, in one wake-up a tick. A timer due earlier fires first, so the reading
+# task runs before the tick even when the loop is late.
+TAKE_LEAD = 0.001
 
 
 def usable(url: str) -> bool:
@@ -56,8 +61,11 @@ def usable(url: str) -> bool:
 class _Protocol(asyncio.Protocol):
     """Feeds one response to httptools' parser; the body's bytes go to ``chunks``."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, take_at: Callable[[], float] | None = None
+    ) -> None:
         self.loop = loop
+        self.take_at = take_at  # see base.next_take
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.head: asyncio.Future = loop.create_future()
@@ -103,6 +111,10 @@ class _Protocol(asyncio.Protocol):
             self._wake()
         elif self.wake_handle is None:
             due = self.woken_at + READ_INTERVAL
+            if self.take_at is not None:
+                take = self.take_at() - TAKE_LEAD
+                if take > self.last_data:  # else the tick is due or running: as usual
+                    due = take
             if self.last_data >= due:
                 self._wake()
             else:
@@ -306,7 +318,7 @@ class PostStream:
         loop = asyncio.get_running_loop()
         url = self.url
         host, port = url.host, url.port or 80
-        protocol = _Protocol(loop)
+        protocol = _Protocol(loop, next_take.get())
         try:
             async with asyncio.timeout(self.connect_timeout):
                 transport, _ = await loop.create_connection(lambda: protocol, host, port)
