@@ -13,7 +13,8 @@ database write and fan-out included.
 Database writes per answer are the ``delta`` events (one transaction each:
 the chunk appended to the message and its event stored), counted at the
 client and in the event log. CPU per 1,000 tokens is the server's CPU time
-over the run divided by the tokens streamed.
+from the first message POST on (the conversations are made before) divided by the
+tokens streamed.
 
 ``python -m bench.chat upstream --port P --tokens N --rate R`` runs the upstream alone.
 """
@@ -28,6 +29,7 @@ import re
 import subprocess
 import sys
 import time
+from typing import Any
 
 from .load import HOST, Pool, monotonic_ns, percentile, post_request
 from .procs import LOAD_CPU, ROOT, cpu_seconds_of, free_port, pin
@@ -109,6 +111,7 @@ class AnswerStream(asyncio.Protocol):
 
     def connection_made(self, transport):
         self.transport = transport
+        self.answer.connected_at = monotonic_ns()
         transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
@@ -176,6 +179,7 @@ class Answer:
         self.posted_at = 0
         self.first_delta_at = 0
         self.accepted_at = 0  # the message POST's response
+        self.connected_at = 0  # the stream's connection made
         self.headers_at = 0  # the stream's response head
         self.done_at = 0
         self.error = ""
@@ -192,7 +196,9 @@ async def _json_post(pool: Pool, port: int, path: str, token: str, body: dict) -
         return status, {"raw": raw[:200].decode("latin1")}
 
 
-async def drive(port: int, tokens: list[str], timeout: float) -> list[Answer]:
+async def drive(port: int, tokens: list[str], timeout: float, measure: Any = None) -> list[Answer]:
+    """A conversation per token, then (measured: ``await measure()`` first) a message
+    posted in each at once, and each answer read."""
     answers = [Answer(t) for t in tokens]
     pool = Pool(port, len(answers))
     loop = asyncio.get_running_loop()
@@ -201,6 +207,8 @@ async def drive(port: int, tokens: list[str], timeout: float) -> list[Answer]:
         if status != 201:
             raise RuntimeError(f"creating a conversation: HTTP {status} {body}")
         answer.conversation = body["id"]
+    if measure is not None:
+        await measure()
 
     async def one(answer: Answer) -> None:
         answer.posted_at = monotonic_ns()
@@ -257,6 +265,9 @@ def summarize(answers: list[Answer], seconds: float, cpu: float, stored_deltas: 
     opening = sorted(
         (a.headers_at - a.accepted_at) / 1e6 for a in answers if a.headers_at and a.accepted_at
     )
+    connecting = sorted(
+        (a.connected_at - a.accepted_at) / 1e6 for a in answers if a.connected_at and a.accepted_at
+    )
     # The message POST's round trip (the user's and the answer's rows stored).
     posting = sorted((a.accepted_at - a.posted_at) / 1e6 for a in answers if a.accepted_at)
     # From the message POST to the answer's first text at the client (the upstream
@@ -285,6 +296,9 @@ def summarize(answers: list[Answer], seconds: float, cpu: float, stored_deltas: 
         "post_max_ms": round(posting[-1], 1) if posting else None,
         "stream_open_p50_ms": round(percentile(opening, 50), 1) if opening else None,
         "stream_open_max_ms": round(opening[-1], 1) if opening else None,
+        # Of which connecting (the server's accept: its loop's delay).
+        "stream_connect_p50_ms": round(percentile(connecting, 50), 1) if connecting else None,
+        "stream_connect_max_ms": round(connecting[-1], 1) if connecting else None,
         "first_text_p50_ms": round(percentile(first_text, 50), 1) if first_text else None,
         "first_text_max_ms": round(first_text[-1], 1) if first_text else None,
         "answer_seconds_p50": round(percentile(durations, 50), 2) if durations else None,
@@ -371,15 +385,23 @@ def _chat_try(server, upstream, env: dict, tokens: list[str], profiled: bool, n:
     from . import run as bench
 
     before = _count_events(env, 0).get("delta", 0)
-    cpu0, sys0 = server.cpu_seconds(), server.system_cpu_seconds()
-    load0 = time.process_time() + cpu_seconds_of(upstream.pid)
-    started = time.monotonic()
-    with bench.Profiler(server.pid, "ssechat-chat", profiled):
-        answers = bench.run(drive(server.port, tokens, timeout=180))
-        seconds = time.monotonic() - started
-        cpu = server.cpu_seconds() - cpu0
-        system = server.system_cpu_seconds() - sys0
-        load_cpu = time.process_time() + cpu_seconds_of(upstream.pid) - load0
+    profiler = bench.Profiler(server.pid, "ssechat-chat", profiled)
+    marks = {}
+
+    async def measure() -> None:  # the conversations are there: from here on
+        await profiler.__aenter__()
+        marks["cpu"], marks["sys"] = server.cpu_seconds(), server.system_cpu_seconds()
+        marks["load"] = time.process_time() + cpu_seconds_of(upstream.pid)
+        marks["started"] = time.monotonic()
+
+    try:
+        answers = bench.run(drive(server.port, tokens, timeout=180, measure=measure))
+        seconds = time.monotonic() - marks["started"]
+        cpu = server.cpu_seconds() - marks["cpu"]
+        system = server.system_cpu_seconds() - marks["sys"]
+        load_cpu = time.process_time() + cpu_seconds_of(upstream.pid) - marks["load"]
+    finally:
+        profiler.__exit__()
     stored = _count_events(env, 0).get("delta", 0) - before
     result = summarize(answers, seconds, cpu, stored)
     result["system_cpu_share_pct"] = round(100 * system / cpu, 1) if cpu else None
@@ -392,6 +414,7 @@ def _chat_try(server, upstream, env: dict, tokens: list[str], profiled: bool, n:
         f"{result['first_text_max_ms']} ms; message POST p50/max {result['post_p50_ms']}/"
         f"{result['post_max_ms']} ms; stream open p50/max "
         f"{result['stream_open_p50_ms']}/{result['stream_open_max_ms']} ms"
+        f" (connect {result['stream_connect_p50_ms']}/{result['stream_connect_max_ms']} ms)"
     )
     log(
         f"  chat: {result['complete']}/{n} complete, added p50/p99 "

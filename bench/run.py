@@ -582,6 +582,7 @@ class Profiler:
     """
 
     rate = 100  # samples a second (--profile-rate)
+    seconds: float | None = None  # only the first seconds of each phase (--profile-seconds)
 
     def __init__(self, pid: int, name: str, enabled: bool):
         self.pid, self.name, self.enabled = pid, name, enabled
@@ -596,6 +597,9 @@ class Profiler:
         # --gil: only samples holding the GIL, i.e. the process's Python CPU time.
         command = [spy, "record", "--pid", str(self.pid), "--rate", str(self.rate),
                    "--nonblocking", "--gil", "--format", "raw", "-o", str(self.out)]  # fmt: skip
+        if self.seconds:
+            # py-spy counts from its start, which comes a second (its attach) earlier.
+            command += ["--duration", str(max(1, round(1 + self.seconds)))]
         with open(self.out.with_suffix(".log"), "wb") as spy_log:
             self.proc = subprocess.Popen(command, stdout=spy_log, stderr=spy_log)
         return True
@@ -771,6 +775,9 @@ def parse_args(argv: list[str] | None) -> Config:
     parser.add_argument("--phases", default="", help="connect,fanout,throughput,resume,idle")
     parser.add_argument("--profile", action="store_true", help="py-spy the ssechat server")
     parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples a second")
+    parser.add_argument(
+        "--profile-seconds", type=float, help="profile only the first seconds of each phase"
+    )
     parser.add_argument("--ssechat-feed", default="auto", choices=("auto", "notifications", "core"))
     parser.add_argument(
         "--log-level",
@@ -806,6 +813,7 @@ def parse_args(argv: list[str] | None) -> Config:
         cfg.throughput_publishers = args.publishers
     cfg.profile = args.profile
     Profiler.rate = args.profile_rate
+    Profiler.seconds = args.profile_seconds
     cfg.ssechat_feed = args.ssechat_feed
     cfg.log_level = args.log_level
     cfg.plot = not args.no_plot

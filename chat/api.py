@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from asgiref.sync import sync_to_async
 from django.core.exceptions import RequestDataTooBig
-from django.db import transaction
+from django.db import connections, router, transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import reverse
 from django.utils import timezone
@@ -19,7 +19,14 @@ from ssechat.streams.db import run_db_request
 from ssechat.streams.rows import only_row
 
 from . import generation
-from .limits import check_answer_limits, check_message_length, clean_text
+from .limits import (
+    AnswerCounts,
+    answer_counts_sql,
+    check_answer_limits,
+    check_message_length,
+    clean_text,
+    limits_apply,
+)
 from .models import TITLE_MAX_LENGTH, Conversation, Message
 from .recovery import fail_if_abandoned
 from .serializers import conversation_json, message_json
@@ -139,11 +146,55 @@ def _check_idle(conversation: Conversation) -> None:
             )
 
 
+def _lock_for_message(user_id: int, pk: int) -> tuple[Conversation, bool, AnswerCounts | None]:
+    """The user's conversation ``pk``, locked as ``_owned_conversation(lock=True)`` locks
+    it; whether an answer of it is being written; and the user's answer counts for the
+    limits (None when no limit is on): one plain query, where the ORM took three. Only
+    ``id`` and ``title`` of the conversation are read (the rest is deferred).
+    """
+    connection = connections[router.db_for_write(Conversation)]
+    quote = connection.ops.quote_name
+
+    def column(model: type, name: str) -> str:
+        return quote(model._meta.get_field(name).column)
+
+    pk_, title = column(Conversation, "id"), column(Conversation, "title")
+    busy = (
+        f"EXISTS (SELECT 1 FROM {quote(Message._meta.db_table)} m"  # noqa: S608 - the models' own tables and columns
+        f" WHERE m.{column(Message, 'conversation')} = c.{pk_}"
+        f" AND m.{column(Message, 'status')} = %s)"
+    )
+    columns, params = [f"c.{pk_}", f"c.{title}", busy], [str(Message.Status.STREAMING)]
+    since = None
+    if limits_apply():
+        counts, more, since = answer_counts_sql(connection, user_id)
+        columns.append(counts)
+        params += more
+    sql = (
+        f"SELECT {', '.join(columns)} FROM {quote(Conversation._meta.db_table)} c"  # noqa: S608 - the models' own tables and columns
+        f" WHERE c.{pk_} = %s AND c.{column(Conversation, 'owner')} = %s"
+    )
+    params += [check_pk(pk), user_id]
+    if connection.features.has_select_for_update:
+        sql += " " + connection.ops.for_update_sql(no_key=True)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is None:
+        raise not_found()
+    conversation = Conversation.from_db(
+        connection.alias, ["id", "owner_id", "title"], [row[0], user_id, row[1]]
+    )
+    counted = AnswerCounts(since, row[3], row[4]) if since is not None else None
+    return conversation, bool(row[2]), counted
+
+
 def _post_message(user_id: int, pk: int, content: str) -> tuple[Message, Message, list | None]:
     with transaction.atomic():
-        conversation = _owned_conversation(user_id, pk, lock=True)
-        _check_idle(conversation)
-        check_answer_limits(user_id)
+        conversation, busy, counted = _lock_for_message(user_id, pk)
+        if busy:  # maybe an abandoned answer: the ORM's own check sees to it
+            _check_idle(conversation)
+        check_answer_limits(user_id, counted)
         user_message, answer = generation.create_exchange(conversation, content)
     # Read on this thread (the answer's task then starts without a database hop), after
     # the commit: inside, SQLite's write lock would be held for it.

@@ -49,7 +49,7 @@ from django.utils import timezone
 from ssechat.streams.db import run_db, spawn
 from ssechat.streams.log import publish, publish_many
 from ssechat.streams.models import Event
-from ssechat.streams.rows import insert, only_row
+from ssechat.streams.rows import insert, only_row, update
 
 from . import limits, recovery
 from .llm import LLMError, Usage, get_backend
@@ -105,10 +105,11 @@ def _touch(conversation: Conversation, now: Any, content: str) -> None:
     """Set the conversation's ``updated_at`` (and its title, if it has none, from
     ``content``) in one UPDATE."""
     conversation.updated_at = now
-    fields = {"updated_at": now}
+    fields = ["updated_at"]
     if not conversation.title and content:
-        conversation.title = fields["title"] = make_title(content)
-    Conversation.objects.filter(pk=conversation.pk).update(**fields)
+        conversation.title = make_title(content)
+        fields.append("title")
+    update(conversation, fields, _write_alias())
 
 
 def create_user_message(conversation: Conversation, content: str) -> Message:
@@ -142,7 +143,7 @@ def _answer_row(user_message: Message, conversation: Conversation, now: Any) -> 
 
 def _set_start(answer: Message, event_id: int) -> None:
     answer.start_event_id = event_id
-    Message.objects.filter(pk=answer.pk).update(start_event_id=event_id)
+    update(answer, ["start_event_id"], _write_alias())
 
 
 def _write_alias() -> str:
@@ -395,8 +396,9 @@ def finalize(
         events += [(channel, "done", data, ""), (parent, "message", data, "")]
         # The last delta, `done` and the snapshot in one INSERT; `done` is the answer's last.
         message.last_event_id = publish_many(events)[-2]
-        message.save(
-            update_fields=[
+        update(
+            message,
+            [
                 "content",
                 "status",
                 "error",
@@ -404,7 +406,8 @@ def finalize(
                 "prompt_tokens",
                 "completion_tokens",
                 "last_event_id",
-            ]
+            ],
+            _write_alias(),
         )
     return message
 

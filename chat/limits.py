@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.db import connections, router
@@ -124,19 +124,25 @@ def check_message_length(content: Any) -> str:
     return clean_text(content, "content", max_chars=max_message_chars())
 
 
-def check_answer_limits(user_id: int) -> None:
+def check_answer_limits(user_id: int, counted: AnswerCounts | None = None) -> None:
     """Refuse a new answer for ``user_id`` with 429 when one of the limits is reached.
 
     Sync ORM code; call it in the transaction that creates the answer. Both
-    limits are counted in one plain query (every message POST runs it); the
-    time to wait is read only when the rate limit refuses.
+    limits are counted in one plain query (every message POST runs it), unless
+    ``counted`` (:func:`answer_counts_sql`'s figures, read by the caller in that
+    transaction) is given; the time to wait is read only when the rate limit refuses.
     """
     active = max_active_answers()
     per_minute = requests_per_minute()
     if active <= 0 and per_minute <= 0:
         return
-    since = timezone.now() - timedelta(seconds=RATE_WINDOW_SECONDS)
-    streaming, recent_count = _answer_counts(user_id, since, max(per_minute, 0))
+    if counted is None:
+        connection = connections[router.db_for_read(Message)]
+        sql, params, since = answer_counts_sql(connection, user_id)
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT {sql}", params)
+            counted = AnswerCounts(since, *cursor.fetchone())
+    since, streaming, recent_count = counted
     if active > 0 and streaming >= active:
         raise LimitExceeded(
             f"You already have {streaming} answer(s) being written (the limit is {active}); "
@@ -168,10 +174,17 @@ def check_answer_limits(user_id: int) -> None:
             )
 
 
-def _answer_counts(user_id: int, since: datetime, cap: int) -> tuple[int, int]:
-    """(the user's answers being written, their generated answers created since
-    ``since``, counted up to ``cap``) in one query."""
-    connection = connections[router.db_for_read(Message)]
+class AnswerCounts(NamedTuple):
+    since: datetime  # the start of the rate window
+    streaming: int  # the user's answers being written
+    recent: int  # their generated answers created since ``since`` (up to the rate limit)
+
+
+def answer_counts_sql(connection: Any, user_id: int) -> tuple[str, list, datetime]:
+    """Two columns for a SELECT list: the user's answers being written, and their
+    generated answers created since the start of the rate window (counted up to the
+    rate limit); their parameters; and that start. See :class:`AnswerCounts`."""
+    since = timezone.now() - timedelta(seconds=RATE_WINDOW_SECONDS)
     quote = connection.ops.quote_name
 
     def column(model: Any, name: str) -> str:
@@ -184,7 +197,7 @@ def _answer_counts(user_id: int, since: datetime, cap: int) -> tuple[int, int]:
         f" WHERE c.{column(Conversation, 'owner')} = %s AND m.{column(Message, 'role')} = %s"
     )
     sql = (
-        f"SELECT (SELECT COUNT(*) FROM {joined} AND m.{column(Message, 'status')} = %s),"  # noqa: S608 - the models' own tables and columns
+        f"(SELECT COUNT(*) FROM {joined} AND m.{column(Message, 'status')} = %s),"  # noqa: S608 - the models' own tables and columns
         f" (SELECT COUNT(*) FROM (SELECT 1 FROM {joined}"
         f" AND m.{column(Message, 'reply_to')} IS NOT NULL"
         f" AND m.{column(Message, 'created_at')} >= %s LIMIT %s) recent)"
@@ -192,9 +205,12 @@ def _answer_counts(user_id: int, since: datetime, cap: int) -> tuple[int, int]:
     assistant = str(Message.Role.ASSISTANT)
     params = [
         user_id, assistant, str(Message.Status.STREAMING),
-        user_id, assistant, connection.ops.adapt_datetimefield_value(since), cap,
+        user_id, assistant, connection.ops.adapt_datetimefield_value(since),
+        max(requests_per_minute(), 0),
     ]  # fmt: skip
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        streaming, recent = cursor.fetchone()
-    return streaming, recent
+    return sql, params, since
+
+
+def limits_apply() -> bool:
+    """Whether any limit on new answers is on (else they need not be counted)."""
+    return max_active_answers() > 0 or requests_per_minute() > 0

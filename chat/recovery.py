@@ -86,9 +86,24 @@ def is_dead(worker: str) -> bool:
     return not _pid_alive(pid)
 
 
+def _cutoff(now=None):
+    return (now or timezone.now()) - timedelta(seconds=limits.stale_seconds())
+
+
 def stale_filter(now=None) -> Q:
-    cutoff = (now or timezone.now()) - timedelta(seconds=limits.stale_seconds())
+    """The streaming answers whose heartbeat is too old (or that never had one)."""
+    cutoff = _cutoff(now)
     return Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, created_at__lt=cutoff)
+
+
+def looks_stale(message: Message, now=None) -> bool:
+    """:func:`stale_filter` on the row as read: a heartbeat only moves forward, so a
+    row that was fresh when read is fresh now, and one that was not is checked again
+    (under lock, ``only_if=stale_filter()``) before anything is done to it."""
+    cutoff = _cutoff(now)
+    if message.heartbeat_at is not None:
+        return message.heartbeat_at < cutoff
+    return message.created_at < cutoff
 
 
 def sweep() -> list[int]:
@@ -137,10 +152,11 @@ def fail_if_abandoned(message: Message) -> Message:
             only_if=Q(worker=message.worker),
         )
     else:
-        stale = stale_filter()
-        if not Message.objects.filter(stale, pk=message.pk).exists():
-            return message  # alive
-        done = finalize(message.pk, status=Message.Status.FAILED, error=STALE, only_if=stale)
+        if not looks_stale(message):
+            return message  # alive: no query (every answer stream that opens checks)
+        done = finalize(
+            message.pk, status=Message.Status.FAILED, error=STALE, only_if=stale_filter()
+        )
     if done is not None:
         logger.warning("marked abandoned answer %s failed", message.pk)
         return done

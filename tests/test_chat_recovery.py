@@ -144,3 +144,29 @@ def test_recover_answers_command(alice):
     assert Message.objects.get(pk=alive_id).status == "streaming"
     done = Event.objects.get(channel=f"chat:message:{stale_id}", type="done")
     assert '"status":"failed"' in done.data
+
+
+def test_an_answer_stream_checks_the_heartbeat_of_the_row_it_read(alice):
+    """Opening an answer's stream reads its row once: a fresh heartbeat needs no other
+    query; an old one is checked again under lock before the answer is failed, so a
+    heartbeat that came in meanwhile keeps it alive."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from chat.recovery import fail_if_abandoned
+    from chat.streams import _open_answer
+
+    _, fresh_id = _abandoned_answer(alice, "elsewhere:1:abc", 0)
+    with CaptureQueriesContext(connection) as queries:
+        message, _ = _open_answer(alice.pk, fresh_id)
+    assert message.status == "streaming" and len(queries) == 2  # the row, the log's bounds
+
+    _, stale_id = _abandoned_answer(alice, "elsewhere:2:abc", 120)
+    message, _ = _open_answer(alice.pk, stale_id)
+    assert (message.status, message.error) == ("failed", STALE)
+
+    _, revived_id = _abandoned_answer(alice, "elsewhere:3:abc", 120)
+    as_read = Message.objects.get(pk=revived_id)  # its heartbeat old when read...
+    Message.objects.filter(pk=revived_id).update(heartbeat_at=timezone.now())  # ...not now
+    assert fail_if_abandoned(as_read).status == "streaming"
+    assert Message.objects.get(pk=revived_id).status == "streaming"

@@ -547,3 +547,31 @@ def test_log_bounds_and_only_row_in_plain_queries():
         assert only_row(Event.objects.filter(pk=ids[-1])).pk == ids[-1]
     assert len(queries) == 2
     assert not any("ORDER BY" in q["sql"] for q in queries.captured_queries)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rows_update_saves_fields_as_save_does(make_user):
+    """``rows.update`` is ``save(update_fields=...)`` in one plain UPDATE: the fields'
+    own preparation (datetimes, nulls), the other columns untouched, and an error for
+    a row that is not there."""
+    from django.db import DatabaseError
+    from django.test.utils import CaptureQueriesContext
+    from django.utils import timezone
+
+    from chat.models import Conversation, Message
+    from ssechat.streams.rows import update
+
+    conversation = Conversation.objects.create(owner=make_user(), title="before")
+    message = Message.objects.create(conversation=conversation, role="user", content="kept")
+    message.status, message.completed_at, message.prompt_tokens = "failed", timezone.now(), None
+    message.content = "not saved"  # not among the fields
+    with CaptureQueriesContext(connection) as queries:
+        update(message, ["status", "completed_at", "prompt_tokens"], "default")
+    assert len(queries) == 1 and queries[0]["sql"].startswith("UPDATE")
+    stored = Message.objects.get(pk=message.pk)
+    assert (stored.status, stored.completed_at, stored.content) == (
+        "failed", message.completed_at, "kept",
+    )  # fmt: skip
+    gone = Message(pk=2**40, conversation=conversation, role="user")
+    with pytest.raises(DatabaseError):
+        update(gone, ["content"], "default")

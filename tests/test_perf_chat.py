@@ -516,3 +516,62 @@ async def test_raw_client_holds_text_until_just_before_it_is_taken():
     assert [data for _, data in received] == [b"abc", b"d"]
     # Timers never fire early (asyncio's clock resolution aside).
     assert received[0][0] >= take - rawhttp.TAKE_LEAD - 0.001
+
+
+# -- starting an answer: few, plain statements ---------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_message_post_checks_and_stores_in_few_plain_statements(alice, bob, settings):
+    """The conversation's lock, whether it has an answer being written and the user's
+    limits are one query; the exchange five more; the history one. What they decide
+    is what the ORM's checks decided (the API tests check the refusals)."""
+    from chat import api
+
+    settings.SSECHAT_CHAT_MAX_ACTIVE_ANSWERS = 2
+    conversation = Conversation.objects.create(owner=alice, title="")
+    with CaptureQueriesContext(connection) as queries:
+        question, answer, history = api._post_message(alice.pk, conversation.pk, "hi there")
+    statements = [
+        q["sql"]
+        for q in queries.captured_queries
+        if not q["sql"].startswith(("BEGIN", "COMMIT"))
+        and "pg_get_serial_sequence" not in q["sql"]  # looked up once per process
+    ]
+    # On PostgreSQL the events' ids are one more statement (see log._pg_insert_many).
+    assert len(statements) == 1 + 5 + 1 + int(connection.vendor == "postgresql"), statements
+    assert "EXISTS" in statements[0] and "COUNT(*)" in statements[0]
+    assert history == [{"role": "user", "content": "hi there"}]
+    conversation.refresh_from_db()
+    answer.refresh_from_db()
+    assert conversation.title == "hi there"
+    assert answer.status == "streaming" and answer.reply_to_id == question.pk
+    assert (
+        answer.start_event_id
+        == Event.objects.filter(channel__endswith=f":{conversation.pk}").order_by("id").last().id
+    )
+
+    # Its answer is being written: 409, as the ORM's check says.
+    with pytest.raises(api.ApiError) as refused:
+        api._post_message(alice.pk, conversation.pk, "again")
+    assert refused.value.status == 409
+    # Another conversation, and a second answer at once: within the limit of 2.
+    other = Conversation.objects.create(owner=alice, title="kept")
+    api._post_message(alice.pk, other.pk, "second")
+    other.refresh_from_db()
+    assert other.title == "kept"  # a title is given only to a conversation without one
+    third = Conversation.objects.create(owner=alice, title="")
+    with pytest.raises(api.ApiError) as refused:
+        api._post_message(alice.pk, third.pk, "third")
+    assert refused.value.status == 429
+    # Someone else's conversation, or none: 404.
+    for user_id, pk in ((bob.pk, conversation.pk), (alice.pk, 2**62)):
+        with pytest.raises(api.ApiError) as refused:
+            api._post_message(user_id, pk, "x")
+        assert refused.value.status == 404
+    # No limit on: the counts are not read.
+    settings.SSECHAT_CHAT_MAX_ACTIVE_ANSWERS = 0
+    settings.SSECHAT_CHAT_REQUESTS_PER_MINUTE = 0
+    with CaptureQueriesContext(connection) as queries:
+        api._post_message(alice.pk, third.pk, "third")
+    assert "COUNT(*)" not in queries.captured_queries[0]["sql"]

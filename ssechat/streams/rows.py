@@ -1,4 +1,5 @@
-"""Rows with less ORM work: one row by a unique key; one row inserted with plain SQL.
+"""Rows with less ORM work: one row by a unique key; one row inserted or updated
+with plain SQL.
 
 ``only_row`` reads the row a lookup on a unique key matches without the ORDER
 BY that ``QuerySet.first()`` adds (Django compiles the ordering on every call:
@@ -13,13 +14,16 @@ the compiler calls), so the stored row is the same.
 It falls back to ``Model.save`` whenever the ORM would do more than insert:
 a model with ``pre_save``/``post_save`` receivers, a primary key that is not
 an auto field, a database that cannot return the new id.
+
+``update`` is ``Model.save(update_fields=...)`` the same way: one UPDATE of the
+row's given fields by its primary key, values prepared by the fields.
 """
 
 from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from django.db import connections
+from django.db import DatabaseError, connections
 from django.db.models import QuerySet
 from django.db.models.fields import AutoFieldMixin
 from django.db.models.signals import post_save, pre_save
@@ -54,17 +58,17 @@ def _insert_sql(connection: Any, model: type) -> tuple[str, list, bool]:
     return found
 
 
+def _plain(model: type) -> bool:
+    """Whether saving ``model`` is nothing but its SQL (no receivers, no parents)."""
+    meta = model._meta
+    return not (meta.parents or pre_save.has_listeners(model) or post_save.has_listeners(model))
+
+
 def insert(instance: Any, using: str) -> Any:
     """Save a new ``instance`` (its pk unset) with one INSERT; return it, pk set."""
     model = type(instance)
     meta = model._meta
-    if (
-        instance.pk is not None
-        or not isinstance(meta.pk, AutoFieldMixin)
-        or meta.parents
-        or pre_save.has_listeners(model)
-        or post_save.has_listeners(model)
-    ):
+    if instance.pk is not None or not isinstance(meta.pk, AutoFieldMixin) or not _plain(model):
         instance.save(using=using, force_insert=True)
         return instance
     connection = connections[using]
@@ -81,3 +85,26 @@ def insert(instance: Any, using: str) -> Any:
     instance._state.adding = False
     instance._state.db = using
     return instance
+
+
+def update(instance: Any, fields: list[str], using: str) -> None:
+    """Save ``fields`` (names) of a stored ``instance`` with one UPDATE by its pk.
+
+    Raises ``DatabaseError`` if no row has that pk, as ``save(update_fields=...)`` does.
+    """
+    model = type(instance)
+    if not _plain(model):
+        instance.save(using=using, update_fields=fields)
+        return
+    connection = connections[using]
+    meta = model._meta
+    quote = connection.ops.quote_name
+    chosen = [meta.get_field(name) for name in fields]
+    sets = ", ".join(f"{quote(f.column)} = %s" for f in chosen)
+    params = [f.get_db_prep_save(f.pre_save(instance, False), connection) for f in chosen]
+    params.append(meta.pk.get_db_prep_value(instance.pk, connection))
+    sql = f"UPDATE {quote(meta.db_table)} SET {sets} WHERE {quote(meta.pk.column)} = %s"  # noqa: S608 - the model's own table and columns
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        if cursor.rowcount == 0:
+            raise DatabaseError("Save with update_fields did not affect any rows.")
