@@ -58,7 +58,9 @@ def main() -> None:
             creds = bench.setup_db(target, env, cfg.users, cfg.workdir / f"{target.key}.json")
         headers = cookie_headers(creds) if target.session_auth else [""]
         port = free_port()
-        command = uvicorn_command("bench.servers.traced:app", port, lifespan=target.lifespan)
+        command = uvicorn_command(
+            "bench.servers.traced:app", port, lifespan=target.lifespan, loop=target.loop
+        )
         server = ServerProc(target.key, command, env, cfg.workdir / f"{target.key}.log", port)
         server.start(target.probe)
         try:

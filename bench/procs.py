@@ -162,10 +162,12 @@ class ServerProc:
         return self.proc.returncode
 
 
-def uvicorn_command(app: str, port: int, *, lifespan: str = "on") -> list[str]:
+def uvicorn_command(
+    app: str, port: int, *, lifespan: str = "on", loop: str = "uvloop"
+) -> list[str]:
     return [
         sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
-        "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--lifespan", lifespan,
+        "--loop", loop, "--http", "httptools", "--no-access-log", "--lifespan", lifespan,
         "--log-level", "warning", "--timeout-graceful-shutdown", "2", "--backlog", "4096",
     ]  # fmt: skip
 

@@ -180,7 +180,7 @@ def setup_db(target: Target, env: dict[str, str], users: int, out: Path, tokens:
 
 def start_server(target: Target, env: dict[str, str], name: str, cfg: Config) -> ServerProc:
     port = free_port()
-    command = uvicorn_command(target.app, port, lifespan=target.lifespan)
+    command = uvicorn_command(target.app, port, lifespan=target.lifespan, loop=target.loop)
     log_path = cfg.workdir / f"{name}-{port}.log"
     server = ServerProc(name, command, env, log_path, port)
     return server.start(target.probe)

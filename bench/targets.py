@@ -29,6 +29,9 @@ class Target:
     needs_db: bool = False
     resume: bool = False
     notifications: bool = False  # ssechat's real notifications feed and API
+    # uvicorn's --loop. ssechat runs on its own (uvloop, taking bursts of connections
+    # at once: ssechat.eventloop), as its README's production command does.
+    loop: str = "uvloop"
     env: dict[str, str] = field(default_factory=dict)
 
     def publish_body(self, seq: int, due_ns: int) -> bytes:
@@ -91,6 +94,7 @@ def make_targets(ssechat_feed: str = "auto", ssechat_log_level: str = "WARNING")
             needs_db=True, resume=True,
         )  # fmt: skip
     ssechat.env["LOG_LEVEL"] = ssechat_log_level
+    ssechat.loop = "ssechat.eventloop:new_event_loop"
     return [
         Target("bare", "bare ASGI broadcaster", "bench.servers.bare:app", None, "/stream",
                "/publish", lifespan="on", probe="/nothing"),

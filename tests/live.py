@@ -153,7 +153,8 @@ def uvicorn_server(log_dir: Path, *, workers: int = 1, **env: str) -> LiveServer
     command = [
         sys.executable, "-m", "uvicorn", "ssechat.asgi:application",
         "--host", "127.0.0.1", "--port", str(port), "--lifespan", "on",
-        "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+        # The production command's loop (README): uvloop that takes bursts of connections.
+        "--loop", "ssechat.eventloop:new_event_loop", "--http", "httptools", "--no-access-log",
     ]  # fmt: skip
     if workers > 1:
         command += ["--workers", str(workers)]

@@ -47,6 +47,7 @@ class Command(DjangoRunserver):
             reload_includes=["*.py", "*.html"] if use_reloader else None,
             reload_excludes=[".venv/*", "*/.venv/*", "node_modules/*"] if use_reloader else None,
             lifespan="on",
+            loop="ssechat.eventloop:new_event_loop",  # uvloop, taking bursts of connections
             log_level="info",
             access_log=True,
         )
