@@ -312,7 +312,8 @@ def run_chat(cfg, log, target=None) -> dict:
     if not (ROOT / "chat" / "api.py").exists():
         return {"skipped": "the chat API is not in the project yet"}
     if target is None:
-        target = next(t for t in bench.make_targets(cfg.ssechat_feed) if t.key == "ssechat")
+        targets = bench.make_targets(cfg.ssechat_feed, ssechat_loop=cfg.ssechat_loop)
+        target = next(t for t in targets if t.key == "ssechat")
     steps = (cfg.chat_answers,) if cfg.chat_answers else ((30,) if cfg.quick else (10, 100))
     tokens_n = cfg.chat_tokens or (1000 if cfg.quick else 2000)
     rate = 1000.0

@@ -97,6 +97,7 @@ class Config:
     only: tuple[str, ...] = ()
     phases: tuple[str, ...] = ("connect", "fanout", "throughput", "resume", "idle")
     ssechat_feed: str = "auto"
+    ssechat_loop: str = "ssechat.eventloop:new_event_loop"
     # Every server runs without a log line per request (uvicorn's --no-access-log);
     # ssechat's equivalent is its INFO line per stream opened and closed.
     log_level: str = "WARNING"
@@ -780,6 +781,11 @@ def parse_args(argv: list[str] | None) -> Config:
     )
     parser.add_argument("--ssechat-feed", default="auto", choices=("auto", "notifications", "core"))
     parser.add_argument(
+        "--ssechat-loop",
+        default="ssechat.eventloop:new_event_loop",
+        help="uvicorn --loop of the ssechat server (the others run on uvloop)",
+    )
+    parser.add_argument(
         "--log-level",
         default="WARNING",
         help="LOG_LEVEL of the ssechat server (WARNING: no line per stream, as the others)",
@@ -815,6 +821,7 @@ def parse_args(argv: list[str] | None) -> Config:
     Profiler.rate = args.profile_rate
     Profiler.seconds = args.profile_seconds
     cfg.ssechat_feed = args.ssechat_feed
+    cfg.ssechat_loop = args.ssechat_loop
     cfg.log_level = args.log_level
     cfg.plot = not args.no_plot
     cfg.chat_answers = args.chat_answers
@@ -849,7 +856,7 @@ def main(argv: list[str] | None = None) -> None:
     results["config"] = json.loads(json.dumps(results["config"], default=str))
     log(f"bench ({results['mode']}): work dir {cfg.workdir}; load average "
         f"{results['machine']['loadavg_start']}")  # fmt: skip
-    targets = make_targets(cfg.ssechat_feed, cfg.log_level)
+    targets = make_targets(cfg.ssechat_feed, cfg.log_level, cfg.ssechat_loop)
     ssechat = next(t for t in targets if t.key == "ssechat")
     ssechat.env.update(cfg.server_env)
     results["ssechat_feed"] = "notifications" if ssechat.notifications else "core"

@@ -75,7 +75,11 @@ def notifications_available() -> bool:
     return views.exists() and "stream" in text
 
 
-def make_targets(ssechat_feed: str = "auto", ssechat_log_level: str = "WARNING") -> list[Target]:
+def make_targets(
+    ssechat_feed: str = "auto",
+    ssechat_log_level: str = "WARNING",
+    ssechat_loop: str = "ssechat.eventloop:new_event_loop",
+) -> list[Target]:
     feed = ssechat_feed
     if feed == "auto":
         feed = "notifications" if notifications_available() else "core"
@@ -94,7 +98,7 @@ def make_targets(ssechat_feed: str = "auto", ssechat_log_level: str = "WARNING")
             needs_db=True, resume=True,
         )  # fmt: skip
     ssechat.env["LOG_LEVEL"] = ssechat_log_level
-    ssechat.loop = "ssechat.eventloop:new_event_loop"
+    ssechat.loop = ssechat_loop
     return [
         Target("bare", "bare ASGI broadcaster", "bench.servers.bare:app", None, "/stream",
                "/publish", lifespan="on", probe="/nothing"),
