@@ -14,7 +14,9 @@ answer that is still ``streaming`` (the rows are read, locked on PostgreSQL,
 in that transaction), and about once a second (``SSECHAT_CHAT_SAVE_MS``) the
 text published since is appended to ``Message.content``, with
 ``last_event_id`` (the deltas after it are in the event log, and the answer's
-end appends them). When the answer ends, the joined deltas equal the content
+end appends them). An answer whose model is done is ended by the next tick too
+(``write_tick``: its last delta, ``done`` and snapshot, with every other answer
+ending then). When the answer ends, the joined deltas equal the content
 exactly; an answer that was cancelled (from any process) or failed by
 recovery stops at its next chunk, reading no more of the model.
 
@@ -33,7 +35,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.db import (
     DEFAULT_DB_ALIAS,
@@ -49,7 +51,7 @@ from django.utils import timezone
 from ssechat.streams.db import run_db, spawn
 from ssechat.streams.log import publish, publish_many
 from ssechat.streams.models import Event
-from ssechat.streams.rows import insert, only_row, update
+from ssechat.streams.rows import insert, only_row, update, update_many
 
 from . import limits, recovery
 from .llm import LLMError, Usage, get_backend
@@ -256,41 +258,91 @@ def write_chunks(chunks: list[tuple[int, int, str, str | None]]) -> set[int]:
     Returns the ids of the answers that are no longer streaming (cancelled or failed
     elsewhere): nothing is written for them. A message's chunks keep their order.
     """
-    if not chunks:
-        return set()
-    ids = {chunk[0] for chunk in chunks}
+    return write_tick(chunks, [])[0]
+
+
+class End(NamedTuple):
+    """An answer whose model is done, ended by the next tick (see :func:`finalize`)."""
+
+    message_id: int
+    status: str
+    error: str | None
+    tail: str
+    usage: Usage | None
+    written: int
+
+
+def write_tick(
+    chunks: list[tuple[int, int, str, str | None]], ends: list[End]
+) -> tuple[set[int], dict[int, Message | None]]:
+    """A flush tick's write, in ONE transaction: the ``chunks`` (see
+    :func:`write_chunks`), then the ``ends``: each as :func:`finalize` would end it,
+    their rows read together, their last deltas, ``done`` events and snapshots stored
+    with the chunks' deltas in one INSERT. A hundred answers that finish together cost
+    a few statements, not a transaction each (on PostgreSQL each was six round trips
+    on the one writer thread, and the ticks of the answers still streaming waited).
+
+    Returns the chunks' answers no longer streaming, and each end's answer as ended
+    (None: it was not streaming any more; whoever ended it published its ``done``).
+    """
+    if not chunks and not ends:
+        return set(), {}
+    chunk_ids = {chunk[0] for chunk in chunks}
     with transaction.atomic():
         conn = connections[DEFAULT_DB_ALIAS]
-        query = Message.objects.filter(pk__in=ids, status=Message.Status.STREAMING)
-        if conn.features.has_select_for_update:
-            # Rows locked in id order: a cancel (finalize) waits for us or we for it, so
-            # the status read here holds until commit.
-            query = query.select_for_update().order_by("pk")
-        streaming = set(query.values_list("pk", flat=True))
+        lock = conn.features.has_select_for_update
+        streaming: set[int] = set()
+        if chunk_ids:
+            query = Message.objects.filter(pk__in=chunk_ids, status=Message.Status.STREAMING)
+            if lock:
+                # Rows locked in id order: a cancel (finalize) waits for us or we for it,
+                # so the status read here holds until commit.
+                query = query.select_for_update().order_by("pk")
+            streaming = set(query.values_list("pk", flat=True))
+        ending: dict[int, Message] = {}
+        if ends:
+            query = Message.objects.filter(
+                pk__in=[end.message_id for end in ends], status=Message.Status.STREAMING
+            ).order_by("pk")
+            ending = {
+                message.pk: message for message in (query.select_for_update() if lock else query)
+            }
+            catch_up_many(list(ending.values()))
         now = conn.ops.adapt_datetimefield_value(timezone.now())
         kept = [chunk for chunk in chunks if chunk[0] in streaming]
-        # Every chunk its own delta event, in order, stored together.
-        event_ids = publish_many(
-            [
-                (
-                    message_channel(message_id),
-                    "delta",
-                    {"message_id": message_id, "text": text},
-                    conversation_channel(conversation_id),
+        # Every chunk its own delta event, in order, then each end's last events.
+        events = [
+            (
+                message_channel(message_id),
+                "delta",
+                {"message_id": message_id, "text": text},
+                conversation_channel(conversation_id),
+            )
+            for message_id, conversation_id, text, _ in kept
+        ]
+        ended: list[tuple[Message, int]] = []  # (answer, the index of its `done`)
+        for end in ends:
+            message = ending.get(end.message_id)
+            if message is not None:
+                events += _end_events(
+                    message, end.status, end.error, end.tail, end.usage, end.written
                 )
-                for message_id, conversation_id, text, _ in kept
-            ]
-        )
+                ended.append((message, len(events) - 2))
+        event_ids = publish_many(events)
         rows = [
             (saved, event_id, message_id)
-            for (message_id, _, _, saved), event_id in zip(kept, event_ids, strict=True)
+            for (message_id, _, _, saved), event_id in zip(kept, event_ids, strict=False)
             if saved is not None
         ]
         if rows:
             with conn.cursor() as cursor:
                 for start in range(0, len(rows), _UPDATE_BATCH):
                     cursor.execute(*_append_sql(conn, rows[start : start + _UPDATE_BATCH], now))
-    return ids - streaming
+        if ended:
+            for message, done in ended:
+                message.last_event_id = event_ids[done]
+            update_many([message for message, _ in ended], _END_FIELDS, _write_alias())
+    return chunk_ids - streaming, {end.message_id: ending.get(end.message_id) for end in ends}
 
 
 _UPDATE_BATCH = 200  # answers per UPDATE statement (SQLite allows 32,766 parameters)
@@ -327,16 +379,65 @@ def catch_up(message: Message) -> None:
     """Append to ``message.content`` the text of its ``delta`` events stored after its
     ``last_event_id`` (published, not yet saved in the row: see ``write_chunks``),
     and move ``last_event_id`` to the last of them. Call it with the row locked."""
-    rows = Event.objects.filter(
-        channel=message_channel(message.pk), type="delta", id__gt=message.last_event_id or 0
-    ).order_by("id")
-    texts, last = [], None
-    for event_id, data in rows.values_list("id", "data"):
-        texts.append(json.loads(data)["text"])
-        last = event_id
-    if last is not None:
-        message.content += "".join(texts)
-        message.last_event_id = last
+    catch_up_many([message])
+
+
+def catch_up_many(messages: list[Message]) -> None:
+    """:func:`catch_up` for several messages, in one query."""
+    if not messages:
+        return
+    by_channel = {message_channel(message.pk): message for message in messages}
+    after = min(message.last_event_id or 0 for message in messages)
+    rows = Event.objects.filter(channel__in=list(by_channel), type="delta", id__gt=after)
+    texts: dict[int, list[str]] = {}
+    for event_id, channel, data in rows.order_by("id").values_list("id", "channel", "data"):
+        message = by_channel[channel]
+        if event_id > (message.last_event_id or 0):
+            texts.setdefault(message.pk, []).append(json.loads(data)["text"])
+            message.last_event_id = event_id
+    for message in messages:
+        if message.pk in texts:
+            message.content += "".join(texts[message.pk])
+
+
+_END_FIELDS = [
+    "content",
+    "status",
+    "error",
+    "completed_at",
+    "prompt_tokens",
+    "completion_tokens",
+    "last_event_id",
+]
+
+
+def _end_events(
+    message: Message,
+    status: str,
+    error: str | None,
+    tail: str,
+    usage: Usage | None,
+    written: int | None,
+) -> list[tuple[str, str, Any, str]]:
+    """End ``message`` in memory (caught up, its row locked): append ``tail``, set its
+    final status; return its events to store: the last ``delta`` (if any), ``done``
+    and the ``message`` snapshot, ``done`` second to last."""
+    channel = message_channel(message.pk)
+    parent = conversation_channel(message.conversation_id)
+    if written is not None and len(message.content) > written:
+        tail = tail[len(message.content) - written :]
+    events = []
+    if tail:
+        events.append((channel, "delta", {"message_id": message.pk, "text": tail}, parent))
+        message.content += tail
+    message.status = status
+    message.error = (error or INTERNAL) if status == Message.Status.FAILED else ""
+    message.completed_at = timezone.now()
+    if usage is not None:
+        message.prompt_tokens = usage.prompt_tokens
+        message.completion_tokens = usage.completion_tokens
+    data = message_json(message)
+    return [*events, (channel, "done", data, ""), (parent, "message", data, "")]
 
 
 def write_chunk(message_id: int, conversation_id: int, text: str) -> bool:
@@ -377,38 +478,11 @@ def finalize(
         message = only_row(query)
         if message is None:
             return None
-        channel = message_channel(message.pk)
-        parent = conversation_channel(message.conversation_id)
         catch_up(message)  # every delta published so far, wherever it was written
-        if written is not None and len(message.content) > written:
-            tail = tail[len(message.content) - written :]
-        events = []
-        if tail:
-            events.append((channel, "delta", {"message_id": message.pk, "text": tail}, parent))
-            message.content += tail
-        message.status = status
-        message.error = (error or INTERNAL) if status == Message.Status.FAILED else ""
-        message.completed_at = timezone.now()
-        if usage is not None:
-            message.prompt_tokens = usage.prompt_tokens
-            message.completion_tokens = usage.completion_tokens
-        data = message_json(message)
-        events += [(channel, "done", data, ""), (parent, "message", data, "")]
+        events = _end_events(message, status, error, tail, usage, written)
         # The last delta, `done` and the snapshot in one INSERT; `done` is the answer's last.
         message.last_event_id = publish_many(events)[-2]
-        update(
-            message,
-            [
-                "content",
-                "status",
-                "error",
-                "completed_at",
-                "prompt_tokens",
-                "completion_tokens",
-                "last_event_id",
-            ],
-            _write_alias(),
-        )
+        update(message, _END_FIELDS, _write_alias())
     return message
 
 
@@ -450,6 +524,7 @@ async def cancel_answer(message_id: int) -> Message | None:
 # per tick, however many answers it writes.
 
 _active: dict[int, _Generation] = {}
+RETRY = object()  # a flusher's end that was not written: end the answer alone
 MAX_WRITE_FAILURES = 3  # group writes in a row that may fail before an answer gives up
 
 
@@ -514,8 +589,12 @@ class _Flusher:
         self.waiter: asyncio.Future | None = None
         self.last_tick = -1e9
         self.next_due = -1e9  # last_tick + the flush interval
+        # Answers whose model is done, ended together at the next tick: (generation,
+        # status, error, usage, the future of the ended answer).
+        self.ends: list[tuple[_Generation, str, str | None, Usage | None, asyncio.Future]] = []
         self.transactions = 0
         self.chunks = 0
+        self.ended = 0
         self.task = spawn(self._run(), name="chat-flusher")
 
     def mark(self, generation: _Generation, urgent: bool) -> None:
@@ -529,6 +608,19 @@ class _Flusher:
 
     def discard(self, generation: _Generation) -> None:
         self.dirty.pop(generation, None)
+
+    def end(
+        self, generation: _Generation, status: str, error: str | None, usage: Usage | None
+    ) -> asyncio.Future:
+        """End ``generation``'s answer at the next tick (its text all handed over: see
+        ``_Generation._settle``). The future's result: the answer as ended; None if it
+        was not streaming any more; ``RETRY`` if the tick's write failed (end it alone)."""
+        future = self.loop.create_future()
+        self.ends.append((generation, status, error, usage, future))
+        waiter = self.waiter
+        if waiter is not None and self.idle and not waiter.done():
+            waiter.set_result(None)
+        return future
 
     def next_tick_at(self) -> float:
         """When the next tick is due (loop time; in the past: as soon as it can)."""
@@ -548,9 +640,18 @@ class _Flusher:
                 handle.cancel()
 
     async def _run(self) -> None:
+        try:
+            await self._ticks()
+        finally:  # cancelled (the loop is closing): whoever waits ends its answer alone
+            ends, self.ends = self.ends, []
+            for *_, future in ends:
+                if not future.done():
+                    future.set_result(RETRY)
+
+    async def _ticks(self) -> None:
         loop = self.loop
         while True:
-            if not self.dirty:
+            if not self.dirty and not self.ends:
                 await self._sleep(None)
                 continue
             due = self.next_due = self.last_tick + limits.flush_seconds()
@@ -588,17 +689,30 @@ class _Flusher:
             generation.saving = saved is not None
             chunks.append((generation.message_id, generation.conversation_id, text, saved))
         self.dirty.clear()
-        if not batch:
+        ends, self.ends = self.ends, []
+        specs: list[End] = []
+        waiting: list[tuple[_Generation, asyncio.Future]] = []
+        for generation, status, error, usage, future in ends:
+            if future.done():  # its task was cancelled: it ends the answer itself
+                continue
+            if generation.stopped:
+                future.set_result(None)
+                continue
+            tail = "".join(generation.pending)
+            specs.append(End(generation.message_id, status, error, tail, usage, generation.written))
+            waiting.append((generation, future))
+        if not batch and not specs:
             return
         outcome = self.loop.create_future()
         for generation in batch:
             generation.writing = outcome
         failed: BaseException | None = None
         gone: set[int] = set()
+        finished: dict[int, Message | None] = {}
         try:
             # Awaited directly: each layer (a shield, a task) would cost the result one
             # more turn of a busy event loop.
-            gone = await run_write(write_chunks, chunks)
+            gone, finished = await run_write(write_tick, chunks, specs)
         except asyncio.CancelledError as exc:
             # The write goes on in its thread and its outcome is unknown: the text goes
             # back to pending, and finalize (given what is known to be stored) appends
@@ -610,6 +724,7 @@ class _Flusher:
         else:
             self.transactions += 1
             self.chunks += len(chunks) - len(gone)
+            self.ended += sum(answer is not None for answer in finished.values())
         try:
             for generation in batch:
                 generation.writing = None
@@ -638,6 +753,11 @@ class _Flusher:
                     self.dirty[generation] = None
         finally:
             outcome.set_result(None)
+            for generation, future in waiting:
+                if not future.done():
+                    future.set_result(
+                        RETRY if failed is not None else finished[generation.message_id]
+                    )
         if isinstance(failed, asyncio.CancelledError):
             raise failed
 
@@ -692,10 +812,12 @@ def _flusher() -> _Flusher:
 
 
 def write_stats() -> dict[str, int]:
-    """Group writes of this process so far: transactions and the chunks they stored."""
+    """Group writes of this process so far: transactions, the chunks they stored and
+    the answers they ended."""
     return {
         "transactions": sum(f.transactions for f in _flushers.values()),
         "chunks": sum(f.chunks for f in _flushers.values()),
+        "ended": sum(f.ended for f in _flushers.values()),
     }
 
 
@@ -789,6 +911,17 @@ class _Generation:
             self.stopped = True
         return done
 
+    async def _end(self, status: str, error: str | None, usage: Usage | None):
+        """End the answer at the flusher's next tick, with the others that end then (one
+        transaction for all: see ``write_tick``); alone if that write failed."""
+        done = await self.flusher.end(self, status, error, usage)
+        if done is RETRY:
+            return await self._finalize(status, error, usage)
+        del self.pending[:]
+        if done is None:
+            self.stopped = True
+        return done
+
     async def run(self) -> None:
         try:
             try:
@@ -872,7 +1005,7 @@ class _Generation:
             await self._finalize(Message.Status.FAILED, INTERNAL)
             return
         status = Message.Status.FAILED if error else Message.Status.COMPLETE
-        await self._finalize(status, error, usage)
+        await self._end(status, error, usage)
 
 
 def launch(answer: Message, history: list[dict] | None = None) -> asyncio.Task:

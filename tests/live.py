@@ -75,6 +75,9 @@ class LiveServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> LiveServer:
+        # The log file may hold earlier servers' lines (the same port in an earlier run):
+        # log() reads from here on.
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             self.command, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
@@ -106,8 +109,11 @@ class LiveServer:
         self.log_path = self.log_path.with_name(f"{self.log_path.stem}-{port}.log")
 
     def log(self) -> str:
+        """The last 5,000 characters this server wrote to its log."""
         try:
-            return self.log_path.read_text(errors="replace")[-5000:]
+            with open(self.log_path, "rb") as log:
+                log.seek(getattr(self, "_log_offset", 0))
+                return log.read().decode(errors="replace")[-5000:]
         except OSError:
             return ""
 

@@ -283,12 +283,14 @@ async def test_many_answers_share_one_transaction_per_tick(alice, settings):
     words = " ".join(f"w{i}" for i in range(120))  # 120 tokens: 0.3 s at 400 a second
     history = [{"role": "user", "content": f"[demo:echo] {words}"}]
     flusher = generation._flusher()
-    before = flusher.transactions
+    before, ended_before = flusher.transactions, flusher.ended
     started = asyncio.get_running_loop().time()
     tasks = [generation.launch(a, history) for a in answers]
     await asyncio.wait_for(asyncio.gather(*tasks), 30)
     seconds = asyncio.get_running_loop().time() - started
     transactions = flusher.transactions - before
+    # The answers' ends went with the ticks (write_tick), not a transaction each.
+    assert flusher.ended - ended_before == count
 
     def check() -> list[int]:
         writes = []
@@ -575,3 +577,61 @@ def test_a_message_post_checks_and_stores_in_few_plain_statements(alice, bob, se
     with CaptureQueriesContext(connection) as queries:
         api._post_message(alice.pk, third.pk, "third")
     assert "COUNT(*)" not in queries.captured_queries[0]["sql"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_tick_ends_many_answers_in_one_transaction(alice):
+    """``write_tick``: chunks and the ends of answers in one transaction of a few
+    statements however many answers end; each end as ``finalize`` would make it."""
+    answers = make_answers(alice, 6)
+    streaming, ending = answers[:2], answers[2:]
+    generation.write_chunks([(a.pk, a.conversation_id, "saved ", "saved ") for a in ending])
+    generation.write_chunks([(a.pk, a.conversation_id, "published ", None) for a in ending])
+    Message.objects.filter(pk=ending[-1].pk).update(status=Message.Status.CANCELLED)
+    ends = [
+        generation.End(a.pk, Message.Status.COMPLETE, None, "tail", None, len("saved published "))
+        for a in ending[:-2]
+    ]
+    ends.append(generation.End(ending[-2].pk, Message.Status.FAILED, "boom", "", None, 0))
+    ends.append(generation.End(ending[-1].pk, Message.Status.COMPLETE, None, "x", None, 0))
+    chunks = [(a.pk, a.conversation_id, "more", None) for a in streaming]
+    with CaptureQueriesContext(connection) as queries:
+        gone, finished = generation.write_tick(chunks, ends)
+    # Chunks' lock, ends' rows, their deltas not yet in the rows, one INSERT (two on
+    # PostgreSQL), the ends' UPDATEs (one executemany): however many answers end.
+    statements = [
+        q for q in queries.captured_queries if not q["sql"].startswith(("BEGIN", "COMMIT"))
+    ]
+    assert len(statements) <= 7, [q["sql"][:60] for q in statements]
+    assert gone == set() and finished[ending[-1].pk] is None  # cancelled before: not ended
+    for answer in ending[:-2]:
+        done = finished[answer.pk]
+        answer.refresh_from_db()
+        assert answer.status == "complete" and answer.content == "saved published tail"
+        assert done.content == answer.content and answer.last_event_id == done.last_event_id
+        events = list(Event.objects.filter(channel=f"chat:message:{answer.pk}").order_by("id"))
+        assert [e.type for e in events] == ["delta", "delta", "delta", "done"]
+        assert events[-1].id == answer.last_event_id
+        assert json.loads(events[-1].data)["content"] == "saved published tail"
+    failed = Message.objects.get(pk=ending[-2].pk)
+    assert (failed.status, failed.error, failed.content) == ("failed", "boom", "saved published ")
+    assert [Message.objects.get(pk=a.pk).status for a in streaming] == ["streaming"] * 2
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_end_the_tick_could_not_write_is_ended_alone(alice, settings, monkeypatch):
+    settings.SSECHAT_LLM_BACKEND = "demo"
+    settings.SSECHAT_DEMO_TOKENS_PER_SECOND = 1000
+    answer = (await sync_to_async(make_answers)(alice, 1))[0]
+    real = generation.write_tick
+
+    def failing(chunks, ends):
+        if ends:
+            raise generation.OperationalError("the database went away")
+        return real(chunks, ends)
+
+    monkeypatch.setattr(generation, "write_tick", failing)
+    task = generation.launch(answer, [{"role": "user", "content": "[demo:echo] one two three"}])
+    await asyncio.wait_for(task, 30)
+    await sync_to_async(answer.refresh_from_db)()
+    assert (answer.status, answer.content) == ("complete", "one two three")

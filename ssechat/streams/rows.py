@@ -16,7 +16,8 @@ a model with ``pre_save``/``post_save`` receivers, a primary key that is not
 an auto field, a database that cannot return the new id.
 
 ``update`` is ``Model.save(update_fields=...)`` the same way: one UPDATE of the
-row's given fields by its primary key, values prepared by the fields.
+row's given fields by its primary key, values prepared by the fields;
+``update_many`` the same for several rows in one ``executemany``.
 """
 
 from __future__ import annotations
@@ -87,6 +88,21 @@ def insert(instance: Any, using: str) -> Any:
     return instance
 
 
+def _update_sql(connection: Any, model: type, fields: list[str]) -> tuple[str, list]:
+    meta = model._meta
+    quote = connection.ops.quote_name
+    chosen = [meta.get_field(name) for name in fields]
+    sets = ", ".join(f"{quote(f.column)} = %s" for f in chosen)
+    sql = f"UPDATE {quote(meta.db_table)} SET {sets} WHERE {quote(meta.pk.column)} = %s"  # noqa: S608 - the model's own table and columns
+    return sql, chosen
+
+
+def _update_params(instance: Any, chosen: list, connection: Any) -> list:
+    params = [f.get_db_prep_save(f.pre_save(instance, False), connection) for f in chosen]
+    params.append(type(instance)._meta.pk.get_db_prep_value(instance.pk, connection))
+    return params
+
+
 def update(instance: Any, fields: list[str], using: str) -> None:
     """Save ``fields`` (names) of a stored ``instance`` with one UPDATE by its pk.
 
@@ -97,14 +113,27 @@ def update(instance: Any, fields: list[str], using: str) -> None:
         instance.save(using=using, update_fields=fields)
         return
     connection = connections[using]
-    meta = model._meta
-    quote = connection.ops.quote_name
-    chosen = [meta.get_field(name) for name in fields]
-    sets = ", ".join(f"{quote(f.column)} = %s" for f in chosen)
-    params = [f.get_db_prep_save(f.pre_save(instance, False), connection) for f in chosen]
-    params.append(meta.pk.get_db_prep_value(instance.pk, connection))
-    sql = f"UPDATE {quote(meta.db_table)} SET {sets} WHERE {quote(meta.pk.column)} = %s"  # noqa: S608 - the model's own table and columns
+    sql, chosen = _update_sql(connection, model, fields)
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(sql, _update_params(instance, chosen, connection))
         if cursor.rowcount == 0:
+            raise DatabaseError("Save with update_fields did not affect any rows.")
+
+
+def update_many(instances: list[Any], fields: list[str], using: str) -> None:
+    """:func:`update` for several stored instances of one model: one statement run
+    for each (``executemany``: on PostgreSQL in one pipeline, not a round trip each).
+    Raises ``DatabaseError`` if a row was not there."""
+    if not instances:
+        return
+    model = type(instances[0])
+    if not _plain(model):
+        for instance in instances:
+            instance.save(using=using, update_fields=fields)
+        return
+    connection = connections[using]
+    sql, chosen = _update_sql(connection, model, fields)
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, [_update_params(i, chosen, connection) for i in instances])
+        if 0 <= cursor.rowcount < len(instances):
             raise DatabaseError("Save with update_fields did not affect any rows.")
