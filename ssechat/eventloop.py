@@ -10,8 +10,9 @@ take them, and an answer's tokens waited with them. SSE sees such bursts often:
 every client reconnects after a deploy or a network blip.
 
 :class:`Loop` is uvloop's loop with a ``create_server`` that accepts every
-pending connection (up to ``ACCEPT_BATCH``) each time, as asyncio's own loop
-does, and hands each to uvloop (``connect_accepted_socket``): the connections
+pending connection (up to ``ACCEPT_BATCH``; ``SHARED_ACCEPT_BATCH`` on a socket
+that other processes may share) each time, as asyncio's own loop does, and
+hands each to uvloop (``connect_accepted_socket``): the connections
 themselves are uvloop's, as fast as ever. TLS servers, and options this does
 not handle, get uvloop's own server.
 
@@ -30,11 +31,16 @@ from typing import Any
 
 import uvloop
 
-__all__ = ["ACCEPT_BATCH", "Loop", "new_event_loop"]
+__all__ = ["ACCEPT_BATCH", "SHARED_ACCEPT_BATCH", "Loop", "new_event_loop"]
 
 logger = logging.getLogger("ssechat.eventloop")
 
 ACCEPT_BATCH = 256  # connections taken each time the listening socket is readable
+# ... when the socket was handed in (``sock=``): uvicorn's ``--workers`` processes share
+# one listening socket, and one that took a whole burst would hold all its streams
+# for their lifetime. A few per turn: a busier worker turns slower, so the others
+# take more of a burst.
+SHARED_ACCEPT_BATCH = 16
 # Out of file descriptors (or memory): the kernel keeps the connections queued, and
 # accepting stops for this long instead of spinning on the error (as asyncio does).
 ACCEPT_RETRY_DELAY = 1.0
@@ -73,10 +79,11 @@ class Loop(uvloop.Loop):
             if host is not None or port is not None:
                 raise ValueError("host/port and sock can not be specified at the same time")
             sock.setblocking(False)
-            sockets = [sock]
+            sockets, batch = [sock], SHARED_ACCEPT_BATCH
         else:
             sockets = await self._bind(host, port, reuse_address, reuse_port)
-        server = BatchAcceptServer(self, sockets, protocol_factory, backlog)
+            batch = SHARED_ACCEPT_BATCH if reuse_port else ACCEPT_BATCH
+        server = BatchAcceptServer(self, sockets, protocol_factory, backlog, batch)
         if start_serving:
             server.start_listening()
             await asyncio.sleep(0)  # as asyncio does: serving starts before we return
@@ -135,8 +142,8 @@ class Loop(uvloop.Loop):
 
 class BatchAcceptServer(asyncio.AbstractServer):
     """A TCP server of :class:`Loop`: the listening sockets are read by the loop, and
-    each time one is readable every pending connection (up to ``ACCEPT_BATCH``) is
-    accepted and handed to uvloop."""
+    each time one is readable every pending connection (up to ``batch``) is accepted
+    and handed to uvloop."""
 
     def __init__(
         self,
@@ -144,8 +151,10 @@ class BatchAcceptServer(asyncio.AbstractServer):
         sockets: list[socket.socket],
         protocol_factory: Callable[[], asyncio.BaseProtocol],
         backlog: int,
+        batch: int = ACCEPT_BATCH,
     ) -> None:
         self._loop = loop
+        self._batch = batch
         self._sockets: list[socket.socket] | None = sockets
         self._protocol_factory = protocol_factory
         self._backlog = backlog
@@ -205,7 +214,7 @@ class BatchAcceptServer(asyncio.AbstractServer):
             self._loop.add_reader(sock.fileno(), self._accept, sock)
 
     def _accept(self, sock: socket.socket) -> None:
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(self._batch):
             try:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):

@@ -9,7 +9,13 @@ import socket
 import pytest
 import uvloop
 
-from ssechat.eventloop import ACCEPT_RETRY_DELAY, BatchAcceptServer, Loop, new_event_loop
+from ssechat.eventloop import (
+    ACCEPT_RETRY_DELAY,
+    SHARED_ACCEPT_BATCH,
+    BatchAcceptServer,
+    Loop,
+    new_event_loop,
+)
 
 
 class Counting(asyncio.Protocol):
@@ -60,6 +66,30 @@ def test_a_burst_of_connections_is_taken_in_one_turn():
     assert accepted_after_a_few_turns(new_event_loop) == 60
     # uvloop's own server takes one a turn (libuv#3696): what this loop is for.
     assert accepted_after_a_few_turns(uvloop.new_event_loop) < 60
+
+
+def test_a_shared_socket_is_taken_a_few_connections_a_turn():
+    """A socket handed in may be shared by uvicorn's worker processes: each takes a
+    few connections a turn (a busier worker turns slower), not a whole burst."""
+
+    async def main():
+        Counting.made = []
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        server = await loop.create_server(Counting, sock=sock, backlog=512)
+        total = 5 * SHARED_ACCEPT_BATCH
+        clients = connect_many(sock.getsockname()[1], total)
+        await turns(3)  # a connection is made two turns after its accept
+        early = len(Counting.made)
+        await turns(20)
+        assert 0 < early < total
+        assert len(Counting.made) == total
+        for client in clients:
+            client.close()
+        server.close()
+
+    run(main)
 
 
 def test_accepted_connections_are_uvloops_and_work():
