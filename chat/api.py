@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from ssechat.api import ApiError, api_view, parse_json_body
 from ssechat.streams.db import run_db_request
-from ssechat.streams.rows import only_row
+from ssechat.streams.rows import column, only_row
 
 from . import generation
 from .limits import (
@@ -154,15 +154,11 @@ def _lock_for_message(user_id: int, pk: int) -> tuple[Conversation, bool, Answer
     """
     connection = connections[router.db_for_write(Conversation)]
     quote = connection.ops.quote_name
-
-    def column(model: type, name: str) -> str:
-        return quote(model._meta.get_field(name).column)
-
-    pk_, title = column(Conversation, "id"), column(Conversation, "title")
+    pk_, title = column(connection, Conversation, "id"), column(connection, Conversation, "title")
     busy = (
         f"EXISTS (SELECT 1 FROM {quote(Message._meta.db_table)} m"  # noqa: S608 - the models' own tables and columns
-        f" WHERE m.{column(Message, 'conversation')} = c.{pk_}"
-        f" AND m.{column(Message, 'status')} = %s)"
+        f" WHERE m.{column(connection, Message, 'conversation')} = c.{pk_}"
+        f" AND m.{column(connection, Message, 'status')} = %s)"
     )
     columns, params = [f"c.{pk_}", f"c.{title}", busy], [str(Message.Status.STREAMING)]
     since = None
@@ -172,7 +168,7 @@ def _lock_for_message(user_id: int, pk: int) -> tuple[Conversation, bool, Answer
         params += more
     sql = (
         f"SELECT {', '.join(columns)} FROM {quote(Conversation._meta.db_table)} c"  # noqa: S608 - the models' own tables and columns
-        f" WHERE c.{pk_} = %s AND c.{column(Conversation, 'owner')} = %s"
+        f" WHERE c.{pk_} = %s AND c.{column(connection, Conversation, 'owner')} = %s"
     )
     params += [check_pk(pk), user_id]
     if connection.features.has_select_for_update:

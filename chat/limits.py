@@ -21,6 +21,7 @@ from django.http import JsonResponse
 from django.utils import timezone
 
 from ssechat.api import ApiError
+from ssechat.streams.rows import column
 
 from .models import Conversation, Message
 
@@ -187,20 +188,18 @@ def answer_counts_sql(connection: Any, user_id: int) -> tuple[str, list, datetim
     since = timezone.now() - timedelta(seconds=RATE_WINDOW_SECONDS)
     quote = connection.ops.quote_name
 
-    def column(model: Any, name: str) -> str:
-        return quote(model._meta.get_field(name).column)
-
     message, conversation = quote(Message._meta.db_table), quote(Conversation._meta.db_table)
     joined = (
-        f"{message} m JOIN {conversation} c ON c.{column(Conversation, 'id')}"
-        f" = m.{column(Message, 'conversation')}"
-        f" WHERE c.{column(Conversation, 'owner')} = %s AND m.{column(Message, 'role')} = %s"
+        f"{message} m JOIN {conversation} c ON c.{column(connection, Conversation, 'id')}"
+        f" = m.{column(connection, Message, 'conversation')}"
+        f" WHERE c.{column(connection, Conversation, 'owner')} = %s"
+        f" AND m.{column(connection, Message, 'role')} = %s"
     )
     sql = (
-        f"(SELECT COUNT(*) FROM {joined} AND m.{column(Message, 'status')} = %s),"  # noqa: S608 - the models' own tables and columns
+        f"(SELECT COUNT(*) FROM {joined} AND m.{column(connection, Message, 'status')} = %s),"  # noqa: S608 - the models' own tables and columns
         f" (SELECT COUNT(*) FROM (SELECT 1 FROM {joined}"
-        f" AND m.{column(Message, 'reply_to')} IS NOT NULL"
-        f" AND m.{column(Message, 'created_at')} >= %s LIMIT %s) recent)"
+        f" AND m.{column(connection, Message, 'reply_to')} IS NOT NULL"
+        f" AND m.{column(connection, Message, 'created_at')} >= %s LIMIT %s) recent)"
     )
     assistant = str(Message.Role.ASSISTANT)
     params = [

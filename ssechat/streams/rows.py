@@ -108,24 +108,18 @@ def update(instance: Any, fields: list[str], using: str) -> None:
 
     Raises ``DatabaseError`` if no row has that pk, as ``save(update_fields=...)`` does.
     """
-    model = type(instance)
-    if not _plain(model):
-        instance.save(using=using, update_fields=fields)
-        return
-    connection = connections[using]
-    sql, chosen = _update_sql(connection, model, fields)
-    with connection.cursor() as cursor:
-        cursor.execute(sql, _update_params(instance, chosen, connection))
-        if cursor.rowcount == 0:
-            raise DatabaseError("Save with update_fields did not affect any rows.")
+    _update([instance], fields, using)
 
 
 def update_many(instances: list[Any], fields: list[str], using: str) -> None:
     """:func:`update` for several stored instances of one model: one statement run
     for each (``executemany``: on PostgreSQL in one pipeline, not a round trip each).
     Raises ``DatabaseError`` if a row was not there."""
-    if not instances:
-        return
+    if instances:
+        _update(instances, fields, using)
+
+
+def _update(instances: list[Any], fields: list[str], using: str) -> None:
     model = type(instances[0])
     if not _plain(model):
         for instance in instances:
@@ -134,6 +128,14 @@ def update_many(instances: list[Any], fields: list[str], using: str) -> None:
     connection = connections[using]
     sql, chosen = _update_sql(connection, model, fields)
     with connection.cursor() as cursor:
-        cursor.executemany(sql, [_update_params(i, chosen, connection) for i in instances])
+        if len(instances) == 1:
+            cursor.execute(sql, _update_params(instances[0], chosen, connection))
+        else:
+            cursor.executemany(sql, [_update_params(i, chosen, connection) for i in instances])
         if 0 <= cursor.rowcount < len(instances):
             raise DatabaseError("Save with update_fields did not affect any rows.")
+
+
+def column(connection: Any, model: type, name: str) -> str:
+    """The quoted column of ``model``'s field ``name``, for plain SQL on ``connection``."""
+    return connection.ops.quote_name(model._meta.get_field(name).column)
