@@ -51,7 +51,7 @@ from django.utils import timezone
 from ssechat.streams.db import run_db, spawn
 from ssechat.streams.log import publish, publish_many
 from ssechat.streams.models import Event
-from ssechat.streams.rows import insert, only_row, update, update_many
+from ssechat.streams.rows import column, insert, only_row, update, update_many
 
 from . import limits, recovery
 from .llm import LLMError, Usage, get_backend
@@ -207,7 +207,7 @@ def history_for(
     connection = connections[router.db_for_read(Message)]
     quote = connection.ops.quote_name
     pk, role, content, reply_to, conversation, status = (
-        quote(Message._meta.get_field(name).column)
+        column(connection, Message, name)
         for name in ("id", "role", "content", "reply_to", "conversation", "status")
     )
     user, assistant = str(Message.Role.USER), str(Message.Role.ASSISTANT)
@@ -587,8 +587,8 @@ class _Flusher:
         self.urgent = False
         self.idle = False
         self.waiter: asyncio.Future | None = None
-        self.last_tick = -1e9
-        self.next_due = -1e9  # last_tick + the flush interval
+        # When the next tick is due (loop time): the flush interval after the last one.
+        self.next_due = -1e9
         # Answers whose model is done, ended together at the next tick: (generation,
         # status, error, usage, the future of the ended answer).
         self.ends: list[tuple[_Generation, str, str | None, Usage | None, asyncio.Future]] = []
@@ -602,9 +602,7 @@ class _Flusher:
         self.dirty[generation] = None
         if urgent:
             self.urgent = True
-        waiter = self.waiter
-        if waiter is not None and (urgent or self.idle) and not waiter.done():
-            waiter.set_result(None)
+        self._nudge(urgent)
 
     def discard(self, generation: _Generation) -> None:
         self.dirty.pop(generation, None)
@@ -617,10 +615,13 @@ class _Flusher:
         was not streaming any more; ``RETRY`` if the tick's write failed (end it alone)."""
         future = self.loop.create_future()
         self.ends.append((generation, status, error, usage, future))
-        waiter = self.waiter
-        if waiter is not None and self.idle and not waiter.done():
-            waiter.set_result(None)
+        self._nudge(False)
         return future
+
+    def _nudge(self, now: bool) -> None:
+        """Wake the flusher if it sleeps with nothing to do (``now``: whatever it sleeps for)."""
+        if self.waiter is not None and (now or self.idle):
+            _wake(self.waiter)
 
     def next_tick_at(self) -> float:
         """When the next tick is due (loop time; in the past: as soon as it can)."""
@@ -654,13 +655,11 @@ class _Flusher:
             if not self.dirty and not self.ends:
                 await self._sleep(None)
                 continue
-            due = self.next_due = self.last_tick + limits.flush_seconds()
-            if not self.urgent and loop.time() < due:
-                await self._sleep(due)
+            if not self.urgent and loop.time() < self.next_due:
+                await self._sleep(self.next_due)
                 continue
             self.urgent = False
-            self.last_tick = loop.time()
-            self.next_due = self.last_tick + limits.flush_seconds()
+            self.next_due = loop.time() + limits.flush_seconds()
             try:
                 await self._tick()
             except asyncio.CancelledError:
