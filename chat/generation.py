@@ -49,6 +49,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from ssechat.streams.db import run_db, spawn
+from ssechat.streams.hub import get_hub
 from ssechat.streams.log import publish, publish_many
 from ssechat.streams.models import Event
 from ssechat.streams.rows import column, insert, only_row, update, update_many
@@ -146,6 +147,9 @@ def _answer_row(user_message: Message, conversation: Conversation, now: Any) -> 
 def _set_start(answer: Message, event_id: int) -> None:
     answer.start_event_id = event_id
     update(answer, ["start_event_id"], _write_alias())
+    # Its events are kept in this process while it is generated here: its stream,
+    # opened just after the POST, then needs no read of the database (see launch).
+    get_hub().remember(message_channel(answer.pk), event_id)
 
 
 def _write_alias() -> str:
@@ -533,6 +537,21 @@ def active_ids() -> list[int]:
     return list(_active)
 
 
+def local_start(message_id: int, user_id: int) -> int | None:
+    """The start event id of ``user_id``'s answer ``message_id`` if this process (on
+    this loop) generates it, and knows its owner; else None (read the row)."""
+    generation = _active.get(message_id)
+    if (
+        generation is None
+        or generation.owner_id is None
+        or generation.owner_id != user_id
+        or generation.start_event_id is None
+        or generation.loop is not asyncio.get_running_loop()
+    ):
+        return None
+    return generation.start_event_id
+
+
 def stop_local(message_id: int) -> bool:
     """Stop the generation of ``message_id`` if it runs in this process (on its loop)."""
     generation = _active.get(message_id)
@@ -827,8 +846,12 @@ class _Generation:
         conversation_id: int,
         reply_to_id: int | None,
         history: list[dict] | None,
+        owner_id: int | None = None,
+        start_event_id: int | None = None,
     ) -> None:
         self.message_id = message_id
+        self.owner_id = owner_id
+        self.start_event_id = start_event_id
         self.conversation_id = conversation_id
         self.reply_to_id = reply_to_id
         self.history = history
@@ -953,6 +976,7 @@ class _Generation:
             self.flusher.discard(self)
             if _active.get(self.message_id) is self:
                 del _active[self.message_id]
+                get_hub().forget(message_channel(self.message_id))
 
     async def _generate(self) -> None:
         history = self.history
@@ -1013,7 +1037,17 @@ def launch(answer: Message, history: list[dict] | None = None) -> asyncio.Task:
     ``history`` is what the model gets; by default the conversation up to the user
     message the answer replies to (:func:`history_for`).
     """
-    generation = _Generation(answer.pk, answer.conversation_id, answer.reply_to_id, history)
+    # The owner, when the answer came with its conversation (as the API makes it): a
+    # stream of it opened here is then checked without reading the row (local_start).
+    owner = answer.conversation.owner_id if Message.conversation.is_cached(answer) else None
+    generation = _Generation(
+        answer.pk,
+        answer.conversation_id,
+        answer.reply_to_id,
+        history,
+        owner_id=owner,
+        start_event_id=answer.start_event_id,
+    )
     _active[answer.pk] = generation
     recovery.ensure_monitor()
     generation.task = spawn(generation.run(), name=f"chat-answer-{answer.pk}")

@@ -26,6 +26,7 @@ from ssechat.streams.rows import only_row
 from ssechat.streams.stream import LIVE, EventStream, Reset, resume_id
 from ssechat.streams.wire import encode_json_event
 
+from . import generation
 from .api import MAX_PK
 from .generation import conversation_channel, message_channel
 from .models import Conversation, Message
@@ -80,10 +81,18 @@ def done_frame(message: Message, event_id: int) -> bytes:
 @event_stream_view
 async def message_stream(request: HttpRequest, pk: int) -> HttpResponse:
     user_id = request.user.pk
+    resume = resume_id(request)
+    start = generation.local_start(pk, user_id) if resume is None else None
+    if start is not None:
+        # Generated here, for this user: every event from its start is in the hub's
+        # memory (or, if it has just ended, in the log), so no row to read first.
+        stream = EventStream([message_channel(pk)], str(start), user_id=user_id)
+        return EventStreamResponse(
+            _answer_frames(stream, pk, []), stream=stream, label=request.path, user_id=user_id
+        )
     message, (pruned, latest) = await run_db(_open_answer, user_id, pk)
     if message is None:
         return json_error(404, "not_found", "No such answer.")
-    resume = resume_id(request)
     position = _as_int(resume)
     if (
         message.finished
@@ -121,29 +130,36 @@ async def message_stream(request: HttpRequest, pk: int) -> HttpResponse:
         bounds=(pruned, latest),
     )
 
-    async def frames() -> AsyncIterator:
-        for frame in prefix:
-            yield frame
-        async for item in stream:
-            if item is LIVE:
-                continue
-            if isinstance(item, StoredEvent):
-                yield item
-                if item.type == "done":
-                    return  # always the last event: end the response
-            elif isinstance(item, Reset):
-                yield item
-                # The client reloads the answer; if it has finished, say so and end.
-                current = await run_db(_reload, message.pk)
-                if current is None:
-                    return
-                if current.finished:
-                    yield done_frame(current, max(item.id, current.last_event_id or 0))
-                    return
-            else:
-                yield item  # keep-alive
+    return EventStreamResponse(
+        _answer_frames(stream, message.pk, prefix),
+        stream=stream,
+        label=request.path,
+        user_id=user_id,
+    )
 
-    return EventStreamResponse(frames(), stream=stream, label=request.path, user_id=user_id)
+
+async def _answer_frames(stream: EventStream, pk: int, prefix: list[bytes]) -> AsyncIterator:
+    """``prefix``, then the answer's events until its ``done``."""
+    for frame in prefix:
+        yield frame
+    async for item in stream:
+        if item is LIVE:
+            continue
+        if isinstance(item, StoredEvent):
+            yield item
+            if item.type == "done":
+                return  # always the last event: end the response
+        elif isinstance(item, Reset):
+            yield item
+            # The client reloads the answer; if it has finished, say so and end.
+            current = await run_db(_reload, pk)
+            if current is None:
+                return
+            if current.finished:
+                yield done_frame(current, max(item.id, current.last_event_id or 0))
+                return
+        else:
+            yield item  # keep-alive
 
 
 async def _frames(frames: list[bytes]) -> AsyncIterator[bytes]:

@@ -64,6 +64,7 @@ def process_stats() -> dict:
         "horizon": hub.horizon,
         "dispatched": hub.dispatched,
         "handed_over": hub.handed_over,
+        "recalled": hub.recalled,
         "overflows": hub.overflows,
         "broker": getattr(broker, "name", None),
         "listening": getattr(broker, "listening", None),

@@ -203,8 +203,10 @@ async def test_pruned_answers_come_from_the_row(chat):
     resumed = await chat.answer(answer_id, last_id=events[0].id)
     assert [e.event for e in resumed] == ["reset", "done"]
 
-    # A streaming answer: the text so far as one delta, then the rest live.
-    head = await chat.answer(slow_id, max_events=2)
+    # A streaming answer: the text so far as one delta, then the rest live. (The id
+    # from before the answer makes the server read its row; a fresh open in the process
+    # that generates it gets every delta from that process's memory: see below.)
+    head = await chat.answer(slow_id, last_id="1", max_events=2)
     assert [e.event for e in head] == ["delta", "delta"]
     response = await chat.request("POST", f"/api/chat/messages/{slow_id}/cancel/")
     cancelled = response.json()
@@ -214,6 +216,40 @@ async def test_pruned_answers_come_from_the_row(chat):
 
 
 @pytest.mark.postgres
+async def test_a_fresh_stream_where_the_answer_is_generated_comes_from_memory(
+    chat, chat_server, bob, api_token
+):
+    """The process that generates an answer keeps its events: a stream opened there
+    without a resume id reads neither the row nor the log, and gets every delta even
+    after the log was pruned. Anyone else's stream of it is still 404."""
+    conversation = await chat.conversation()
+    slow = await chat.send(conversation["id"], "[demo:slow] go on and on")
+    slow_id = slow["assistant_message"]["id"]
+    before = (await sync_to_async(chat_server.stats)())["stats"]["recalled"]
+    head = await chat.answer(slow_id, max_events=2)
+    await sync_to_async(call_command)("prune_events", keep=0, max_age=0)
+    events = await chat.answer(slow_id)
+    recalled = (await sync_to_async(chat_server.stats)())["stats"]["recalled"] - before
+    final = await chat.message(slow_id)
+    assert recalled == 2 and final["status"] == "complete"
+    assert [e.event for e in events] == ["delta"] * (len(events) - 1) + ["done"]
+    # Each delta as it was published (not the row's text as one), in order, once.
+    assert len(events) > 3 and [(e.id, e.data) for e in head] == [
+        (e.id, e.data) for e in events[:2]
+    ]
+    assert joined(events) == final["content"] and done_of(events) == final
+    ids = [int(e.id) for e in events]
+    assert ids == sorted(set(ids))
+
+    other = await chat.send(conversation["id"], "[demo:slow] mine")
+    async with ChatClient(chat_server.url, await sync_to_async(api_token)(bob)) as as_bob:
+        response = await as_bob.request(
+            "GET", other["stream_url"], headers={"Accept": "text/event-stream"}
+        )
+        assert response.status_code == 404
+    await chat.answer(other["assistant_message"]["id"])
+
+
 async def test_resume_and_cancel_on_another_worker(chat_server, start_server, alice, api_token):
     a, b = chat_server, start_server(**FAST)
     token = await sync_to_async(api_token)(alice)

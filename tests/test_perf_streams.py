@@ -487,3 +487,62 @@ async def test_a_stream_given_the_logs_bounds_checks_a_resume_id_without_a_query
 
     monkeypatch.setattr(stream_module, "run_db", query)
     assert await kept._start_after(30) == (15, None) and calls == [log_bounds]
+
+
+# -- a channel's events kept in memory: a stream opening here reads no log ---------------
+
+
+async def test_a_remembered_channel_gives_a_new_stream_its_backlog_without_a_query(monkeypatch):
+    from ssechat.streams import stream as stream_module
+
+    async def no_query(fn, *args, **kwargs):
+        raise AssertionError(f"{fn.__name__} was read")
+
+    monkeypatch.setattr(stream_module, "run_db", no_query)
+    hub = make_hub()
+    hub.remember("a", 10)  # the hub does not run: its broker would not dispatch everything
+    assert not hub._remembered
+    hub.broker = FakeBroker()
+    hub._ready.set()
+    hub.advance(10)
+    hub.remember("a", 10)
+    hub.dispatch([event(11, "a"), event(12, "b"), event(13, "a")])
+    stream = EventStream(["a"], "10")
+    stream.connection = hub.open(stream.channels)
+    hub.dispatch([event(14, "a")])  # in its mailbox and in memory: sent once
+
+    async def take(count: int) -> list:
+        items = []
+        while len(items) < count:
+            item = stream.poll()
+            if item is PENDING:
+                await stream.wait()
+            else:
+                items.append(item if item is LIVE else item.id)
+        return items
+
+    assert await take(4) == [11, 13, 14, LIVE] and hub.recalled == 1
+    hub.dispatch([event(15, "a"), event(16, "b")])
+    assert await take(1) == [15] and stream.poll() is PENDING
+    # What memory cannot answer goes to the log: an id before what is kept, one past
+    # the horizon, several channels, a channel not kept (or forgotten).
+    assert hub.recall(("a",), 9) is None and hub.recall(("a",), 17) is None
+    assert hub.recall(("a", "b"), 12) is None and hub.recall(("b",), 12) is None
+    assert [e.id for e in hub.recall(("a",), 11)] == [13, 14, 15]
+    hub.forget("a")
+    assert hub.recall(("a",), 11) is None
+    stream.close()
+
+
+async def test_remembered_channels_are_a_bounded_cache_dropped_with_their_broker(monkeypatch):
+    from ssechat.streams import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "MAX_REMEMBERED", 3)
+    hub = make_hub()
+    hub.broker = FakeBroker()
+    hub._ready.set()
+    for n in range(5):
+        hub.remember(f"c{n}", 0)
+    assert list(hub._remembered) == ["c2", "c3", "c4"]  # the oldest went
+    hub._reset_for_loop(asyncio.get_running_loop())  # a new broker: it may miss events
+    assert not hub._remembered

@@ -22,6 +22,9 @@ from .wire import encode_event
 
 logger = logging.getLogger("ssechat.streams")
 
+# Channels a hub keeps the events of at most (see Hub.remember): a cache, the oldest go.
+MAX_REMEMBERED = 4096
+
 
 class StoredEvent:
     """An event of the log as streams see it. Shared by all local subscribers."""
@@ -259,6 +262,11 @@ class Hub:
         self._offer_timer: asyncio.TimerHandle | None = None
         self._gap_timer: asyncio.TimerHandle | None = None
         self.handed_over = 0  # events dispatched from offer() without a read-back
+        # Channels whose dispatched events are kept, so a stream of one opening here reads
+        # no log (see remember()): channel -> (since, events in id order).
+        self._remembered: dict[str, tuple[int, list[StoredEvent]]] = {}
+        self._remember_lock = threading.Lock()
+        self.recalled = 0  # streams whose backlog came from memory
         # Keep-alives and maximum lifetimes: one sweep per tick for the whole hub (no
         # timer per connection). Each connection waits in the wheel's bucket of the tick
         # at or after which something may be due for it; a write only updates a float.
@@ -306,6 +314,7 @@ class Hub:
         self._offer_scheduled = False
         self._early.clear()
         self._offers_due = 0.0
+        self._remembered.clear()  # a new broker: what the old one dispatched is not all
         for timer in (self._gap_timer, self._offer_timer):
             if timer is not None:
                 timer.cancel()
@@ -324,6 +333,7 @@ class Hub:
             self.broker = None
         if self._ready is not None:
             self._ready.clear()
+        self._remembered.clear()
 
     def begin_shutdown(self) -> None:
         """The server is going down: end every open stream now (clients will resume)."""
@@ -528,11 +538,16 @@ class Hub:
                 self.dispatch(events[start : start + step])
             return
         by_channel = self.by_channel
+        remembered = self._remembered
         # Waiters are woken once every event is in the mailboxes: a stream that gets
         # several events of one batch writes them to its client in one go.
         woken = []
         wake = woken.append
         for event in events:
+            if remembered:
+                kept = remembered.get(event.channel)
+                if kept is not None:
+                    kept[1].append(event)
             for channel in (event.channel, event.parent) if event.parent else (event.channel,):
                 subs = by_channel.get(channel)
                 if not subs:
@@ -561,6 +576,39 @@ class Hub:
     def advance(self, horizon: int) -> None:
         if horizon > self.horizon:
             self.horizon = horizon
+
+    # -- events kept in memory for the streams that open soon ---------------------
+    def remember(self, channel: str, since: int) -> None:
+        """Keep every event dispatched on ``channel`` from now until :meth:`forget`, so
+        that a stream of it opening in this process reads no log (:meth:`recall`).
+
+        ``since``: the channel has no event with a larger id dispatched yet, nor can
+        one be until this call returns. Call it in the transaction that creates what
+        the channel is about (a new answer: nothing can publish on its channel before
+        the row commits). Thread-safe; nothing is kept while the hub is not running
+        (its broker would not dispatch every event)."""
+        ready = self._ready
+        if self.broker is None or ready is None or not ready.is_set():
+            return
+        with self._remember_lock:
+            remembered = self._remembered
+            remembered[channel] = (since, [])
+            while len(remembered) > MAX_REMEMBERED:
+                del remembered[next(iter(remembered))]  # never used: its streams read the log
+
+    def forget(self, channel: str) -> None:
+        with self._remember_lock:
+            self._remembered.pop(channel, None)
+
+    def recall(self, channels: tuple[str, ...], after: int) -> list[StoredEvent] | None:
+        """The events of ``channels`` in (``after``, horizon] from memory, in id order;
+        None when this process does not hold them all (read them from the log).
+        On the loop: with :meth:`open` in the same step, no event falls in between."""
+        kept = self._remembered.get(channels[0]) if len(channels) == 1 else None
+        if kept is None or not kept[0] <= after <= self.horizon:
+            return None
+        self.recalled += 1
+        return [event for event in kept[1] if event.id > after]
 
     def _control(self, event: StoredEvent) -> None:
         payload = event.payload()

@@ -272,6 +272,8 @@ class EventStream:
         phase = self._phase
         if phase == _START:
             conn = self.connection or await self.open()
+            if self._recall():
+                return
             horizon = conn.start_horizon
             after, reset = await self._start_after(horizon)
             if reset is not None:
@@ -298,6 +300,25 @@ class EventStream:
                 self._phase, self._exhausted = _CATCHUP, False
             elif signal is CLOSE:
                 self._phase = _DONE
+
+    def _recall(self) -> bool:
+        """Take the backlog from the hub's memory (see ``Hub.remember``), with no trip to
+        the database threads, if it holds it; False if not (read the log)."""
+        raw = self.last_event_id
+        if raw is None or not _ID_RE.match(raw):
+            return False
+        hub = self.connection.hub
+        after = int(raw)
+        events = hub.recall(self.channels, after)
+        if events is None:
+            return False
+        for event in events:
+            self._hand_out(event)
+        # The rest as a backlog that has been read: LIVE next, then the mailbox (whose
+        # events up to the horizon are dropped as sent).
+        self._after, self._upto, self._phase = after, hub.horizon, _BACKLOG
+        self._exhausted = True
+        return True
 
     async def _read_page(self) -> bool:
         """Hand out the next page of stored events in (``_after``, ``_upto``] (called when
