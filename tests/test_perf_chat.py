@@ -21,11 +21,13 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chat import generation
 from chat.llm import LLMError, Usage
-from chat.llm.base import LineSplitter, parse_json
-from chat.llm.ollama import OllamaBackend
+from chat.llm.base import LineSplitter, line_chunks, parse_json, read_lines
+from chat.llm.ollama import OllamaBackend, _text_of
 from chat.llm.openai import OpenAIBackend
 from chat.models import Conversation, Message
 from ssechat.streams.models import Event
@@ -78,6 +80,103 @@ def test_parse_json_rejects_what_json_loads_rejects(text):
         json.loads(text)
     with pytest.raises(ValueError):
         parse_json(text)
+
+
+# -- NDJSON lines taken whole: the same lines, the same pieces and errors -------------
+
+# Bytes that make lines interesting: ends (LF, CR, CRLF), JSON, multi-byte and bad UTF-8.
+_BYTES = st.lists(
+    st.sampled_from(
+        [b"\n", b"\r", b"\r\n", b"{", b"}", b'"', b"a", b" ", b"\xc3", b"\xa9", b"\xff", b"\\"]
+    ),
+    max_size=40,
+).map(b"".join)
+
+
+class _Body:
+    def __init__(self, reads: list[bytes], encoding: str = "utf-8") -> None:
+        self.reads, self.encoding = reads, encoding
+
+    async def aiter_bytes(self):
+        for data in self.reads:
+            yield data
+
+
+async def _lines_of_chunks(reads: list[bytes], encoding: str = "utf-8") -> list[str]:
+    lines: list[str] = []
+    async for chunk in line_chunks(_Body(reads, encoding)):
+        if chunk.__class__ is bytes:
+            assert chunk
+            part = chunk.decode("utf-8", "replace").split("\n")
+            if chunk.endswith(b"\n"):
+                assert part.pop() == ""
+            lines += part
+        else:
+            lines += chunk
+    return lines
+
+
+async def _read_all_lines(reads: list[bytes], encoding: str = "utf-8") -> list[str]:
+    return [line async for lines in read_lines(_Body(reads, encoding)) for line in lines]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_BYTES, max_size=6))
+def test_line_chunks_are_the_lines_read_lines_gives(reads):
+    got = asyncio.run(_lines_of_chunks(reads))
+    assert got == asyncio.run(_read_all_lines(reads))
+
+
+async def test_line_chunks_of_another_charset_are_text_lines():
+    reads = [b"ab\xe9\ncd"]
+    chunks = [c async for c in line_chunks(_Body(reads, "latin-1"))]
+    assert chunks == [["ab\xe9"], ["cd"]]
+
+
+_TEXT_LINES = st.one_of(
+    # The usual line, with other fields around it, and variations of each part.
+    st.builds(
+        lambda content, done, extra: json.dumps(
+            {"model": "m", **extra, "message": {"content": content}, "done": done}
+        ),
+        st.text(max_size=8),
+        st.sampled_from([False, True, None, 0, "false"]),
+        st.dictionaries(
+            st.sampled_from(["error", "eval_count", "created_at", "message"]),
+            st.one_of(st.none(), st.integers(), st.text(max_size=3), st.just({"content": "z"})),
+            max_size=2,
+        ),
+    ),
+    st.sampled_from(
+        [
+            '{"message": {"content": 5}}',
+            '{"message": null}',
+            "[1]",
+            "{",
+            "",
+            "   ",
+            '{"message": {"content": "a"}} {"message": {"content": "b"}}',
+            '{"message": {"content": "\\ud800"}}',
+            '{"message": {"content": "x"}, "x": NaN}',
+            '{"message": {"content": "a", "content": "b"}}',
+            '{"error": null}',
+        ]
+    ),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_TEXT_LINES, max_size=6))
+def test_text_lines_taken_whole_are_what_parse_makes_of_them(lines):
+    """Where ``_text_of`` takes a read's lines (all usual text lines), ``_parse`` makes
+    the same pieces of them, with no error and no end; where it does not, ``_parse``
+    reads them."""
+    chunk = "".join(line + "\n" for line in lines).encode("utf-8", "surrogatepass")
+    taken = _text_of(chunk)
+    if taken is not None:
+        backend = OllamaBackend(url="http://m.test", model="m")
+        text_lines = chunk.decode("utf-8", "replace").split("\n")
+        assert backend._parse(text_lines) == (taken, None, False)
 
 
 # -- one batch per network read ---------------------------------------------------
@@ -481,7 +580,7 @@ async def test_raw_client_reason_phrase_and_charset():
     server, url = await raw_server(script)
     async with server:
         async with post_stream(url + "/x", {}, {}, connect_timeout=2, read_timeout=2) as response:
-            batches = [batch async for batch in response.line_batches()]
+            batches = [batch async for batch in read_lines(response)]
     assert (response.status_code, response.reason_phrase) == (503, "Busy Now")
     assert batches == [["abé"], ["cd"]]  # the unterminated tail comes at the end
 

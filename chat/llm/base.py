@@ -144,23 +144,59 @@ async def split_lines(source: AsyncIterable[bytes], encoding: str) -> AsyncItera
         yield lines
 
 
-async def read_lines(response: Any) -> AsyncIterator[list[str]]:
-    """The lines of a streamed body, one list per network read (never empty lists)."""
-    line_batches = getattr(response, "line_batches", None)
-    if line_batches is not None:  # rawhttp's response splits lines as data arrives
-        async for lines in line_batches():
-            yield lines
-        return
-    source: AsyncIterator[bytes]
+def body_chunks(response: Any) -> AsyncIterator[bytes]:
+    """A streamed body's bytes (content coding undone), a network read at a time."""
+    if not isinstance(response, httpx.Response):
+        return response.aiter_bytes()  # rawhttp's: de-chunked, one piece per wake-up
     if response.headers.get("content-encoding", "identity").strip().lower() in ("", "identity"):
         # Nothing to decode: read the transport's stream itself, two generator layers
         # (aiter_bytes, aiter_raw) fewer per network read. httpx's exception mapping
         # lives in that stream, so errors are the same.
-        source = response.stream  # type: ignore[assignment]
-    else:
-        source = response.aiter_bytes()
-    async for lines in split_lines(source, response.encoding or "utf-8"):
-        yield lines
+        return response.stream  # type: ignore[return-value]
+    return response.aiter_bytes()
+
+
+def read_lines(response: Any) -> AsyncIterator[list[str]]:
+    """The lines of a streamed body, one list per network read (never empty lists)."""
+    return split_lines(body_chunks(response), response.encoding or "utf-8")
+
+
+async def line_chunks(response: Any) -> AsyncIterator[bytes | list[str]]:
+    """A streamed body's complete lines, a network read at a time, for a parser that
+    can take them whole: as the bytes of those lines (each ending with LF, but maybe
+    the last line of the body) while the body is UTF-8 with LF line ends, which it
+    may then split and decode itself; else as :func:`read_lines` gives them (a
+    charset other than UTF-8, or a CR, which ends a line too, from the read that
+    has one on). Decoding the bytes with ``errors="replace"`` and splitting them at
+    LF gives the lines :func:`read_lines` would (with an empty string last).
+    """
+    encoding = response.encoding or "utf-8"
+    if codecs.lookup(encoding).name != "utf-8":
+        async for lines in read_lines(response):
+            yield lines
+        return
+    held = b""  # an unterminated line, waiting for the rest of it
+    source = body_chunks(response)
+    async for data in source:
+        if held:
+            data = held + data
+        if b"\r" in data:
+            # A line splitter from here on: the lines before this read are complete.
+            async for lines in split_lines(_prepend(data, source), encoding):
+                yield lines
+            return
+        cut = data.rfind(b"\n") + 1
+        held = data[cut:]
+        if cut:
+            yield data[:cut] if held else data
+    if held:
+        yield held
+
+
+async def _prepend(first: bytes, rest: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for data in rest:
+        yield data
 
 
 MAX_ERROR_BODY = 4096  # bytes of an error body read to build the message

@@ -28,7 +28,7 @@ from typing import Any
 import httptools
 import httpx
 
-from .base import next_take, split_lines
+from .base import next_take
 
 MAX_HEAD = 64 * 1024  # bytes of status line and headers
 HIGH_WATER = 4 * 1024 * 1024  # body bytes buffered before reading pauses
@@ -272,10 +272,6 @@ class RawResponse:
                 and loop.time() - protocol.last_data >= timeout
             ):
                 raise httpx.ReadTimeout("The read operation timed out")
-
-    def line_batches(self) -> AsyncIterator[list[str]]:
-        """The body's lines, one list per wake-up (never an empty list)."""
-        return split_lines(self.aiter_bytes(), self.encoding)
 
     def close(self) -> None:
         transport = self._protocol.transport
