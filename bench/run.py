@@ -217,6 +217,19 @@ async def warm_up(server: ServerProc, target: Target, headers, request_for) -> N
     await asyncio.sleep(1.0)
 
 
+@contextlib.contextmanager
+def no_collections():
+    """No garbage-collection pauses in the load generator while it measures: it is one
+    process for the whole run, and the servers measured later (ssechat runs after
+    the peers) would otherwise meet a bigger heap, slower to collect, than the first."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 async def phase_connect(server: ServerProc, target: Target, headers, cfg: Config) -> dict:
     base_rss, base_threads, base_fds = server.rss(), server.threads(), server.fds()
     group = Subscribers(server.port, target.stream_path, headers, mode=IDLE)
@@ -230,7 +243,8 @@ async def phase_connect(server: ServerProc, target: Target, headers, cfg: Config
         gc0 = await asyncio.to_thread(gc_seconds, server.port)
         cpu0, sys0 = server.cpu_seconds(), server.system_cpu_seconds()
         loop0 = server.main_thread_cpu_seconds()
-        result = await group.connect(step - opened, window=cfg.connect_window, offset=opened)
+        with no_collections():
+            result = await group.connect(step - opened, window=cfg.connect_window, offset=opened)
         cpu += server.cpu_seconds() - cpu0
         system += server.system_cpu_seconds() - sys0
         loop_cpu += server.main_thread_cpu_seconds() - loop0
@@ -289,10 +303,7 @@ async def fanout_step(
     for group in groups:
         group.reset_counters()
     live = sum(group.open_count for group in groups)
-    # No garbage-collection pauses in the load generator while it timestamps arrivals.
-    gc.collect()
-    gc.disable()
-    try:
+    with no_collections():  # nor while it timestamps arrivals
         cpu0 = sum(s.cpu_seconds() for s in servers)
         own0, wall0 = time.process_time(), time.monotonic()
         stats = await publish_open_loop(request_for, ports, cfg.rate, count, first=first)
@@ -302,8 +313,6 @@ async def fanout_step(
             await asyncio.sleep(0.05)
         cpu1 = sum(s.cpu_seconds() for s in servers)
         own1, wall1 = time.process_time(), time.monotonic()
-    finally:
-        gc.enable()
     delivered = sum(g.delivered for g in groups)
     latencies = sorted(x for g in groups for x in g.latencies)
     missing_subs = missing = 0
@@ -403,13 +412,15 @@ async def phase_throughput(server: ServerProc, target: Target, headers, request_
     cpu0 = server.cpu_seconds()
     own0, wall0 = time.process_time(), time.monotonic()
     start = group.delivered
-    async with Profiler(server.pid, "ssechat-throughput", cfg.profile and target.key == "ssechat"):
-        stats = await publish_closed_loop(
-            request_for,
-            [server.port],
-            cfg.throughput_seconds,
-            concurrency=cfg.throughput_publishers,
-        )
+    profiled = cfg.profile and target.key == "ssechat"
+    with no_collections():
+        async with Profiler(server.pid, "ssechat-throughput", profiled):
+            stats = await publish_closed_loop(
+                request_for,
+                [server.port],
+                cfg.throughput_seconds,
+                concurrency=cfg.throughput_publishers,
+            )
     in_window = group.delivered - start
     window_cpu = server.cpu_seconds() - cpu0
     own1, wall1 = time.process_time(), time.monotonic()
