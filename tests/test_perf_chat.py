@@ -28,7 +28,7 @@ from chat import generation
 from chat.llm import LLMError, Usage
 from chat.llm.base import LineSplitter, line_chunks, parse_json, read_lines
 from chat.llm.ollama import OllamaBackend, _text_of
-from chat.llm.openai import OpenAIBackend
+from chat.llm.openai import OpenAIBackend, _text_of_chunk
 from chat.models import Conversation, Message
 from ssechat.streams.models import Event
 
@@ -177,6 +177,62 @@ def test_text_lines_taken_whole_are_what_parse_makes_of_them(lines):
         backend = OllamaBackend(url="http://m.test", model="m")
         text_lines = chunk.decode("utf-8", "replace").split("\n")
         assert backend._parse(text_lines) == (taken, None, False)
+
+
+_CHOICES = st.fixed_dictionaries(
+    {},
+    optional={
+        "index": st.sampled_from([0, 1, 0.0, None, True]),
+        "delta": st.one_of(
+            st.none(),
+            st.just("x"),
+            st.fixed_dictionaries(
+                {}, optional={"content": st.one_of(st.none(), st.text(max_size=5), st.integers())}
+            ),
+        ),
+        "finish_reason": st.sampled_from([None, "stop", "", 0]),
+    },
+)
+_CHUNKS = st.one_of(
+    st.builds(
+        lambda choices, more: json.dumps({"id": "c", "choices": choices, **more}),
+        st.lists(_CHOICES, max_size=3),
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "usage": st.sampled_from([None, 5, {"prompt_tokens": 1, "completion_tokens": 2}]),
+                "error": st.sampled_from([None, "down", {"message": "down"}]),
+            },
+        ),
+    ),
+    st.sampled_from(
+        [
+            "{",
+            "[]",
+            '{"choices": "x"}',
+            "NaN",
+            '{"choices": [{"delta": {"content": "\\ud800"}}]}',
+            '{"choices": [{"delta": {"content": "a"}}], "choices": []}',
+        ]
+    ),
+)
+
+
+def test_a_usual_chunk_is_read_whole():
+    raw = '{"id": "c", "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": null}]'
+    assert _text_of_chunk(raw + ', "usage": null}') == ("hi", None, False)
+    assert _text_of_chunk(raw + "}") == ("hi", None, False)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_CHUNKS)
+def test_chunks_read_whole_are_what_read_chunk_makes_of_them(raw):
+    """Where ``_text_of_chunk`` takes a frame (a usual chunk), ``_read_chunk`` makes the
+    same of it; where it does not, ``_read_chunk`` reads it."""
+    taken = _text_of_chunk(raw)
+    if taken is not None:
+        backend = OpenAIBackend(url="http://m.test", model="m")
+        assert backend._read_chunk("message", raw) == taken
 
 
 # -- one batch per network read ---------------------------------------------------

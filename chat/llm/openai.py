@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import msgspec
 
 from .base import (
     HTTPBackend,
@@ -23,6 +24,29 @@ from .base import (
 DEFAULT_URL = "https://api.openai.com"
 DEFAULT_MODEL = "gpt-4o-mini"
 MAX_WHOLE_ANSWER = 16 * 1024 * 1024  # bytes of a non-streamed answer
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+    index: int = 0
+    finish_reason: Any = None
+
+
+class _TextChunk(msgspec.Struct):
+    """The usual ``chat.completion.chunk``, decoded without building dicts: its
+    choices, and whether it carries anything else (usage, an error), which
+    ``_read_chunk`` reads."""
+
+    choices: list[_Choice]
+    usage: Any = msgspec.UNSET
+    error: Any = msgspec.UNSET
+
+
+_decode_text_chunk = msgspec.json.Decoder(_TextChunk).decode
 
 
 @dataclass
@@ -187,6 +211,13 @@ class OpenAIBackend(HTTPBackend):
         return self._parse_chunk(event.event, event.data)
 
     def _parse_chunk(self, event: str, raw: str) -> tuple[str, Usage | None, bool]:
+        if event == "message":
+            read = _text_of_chunk(raw)
+            if read is not None:
+                return read
+        return self._read_chunk(event, raw)
+
+    def _read_chunk(self, event: str, raw: str) -> tuple[str, Usage | None, bool]:
         try:
             data = parse_json(raw)
         except ValueError:
@@ -257,3 +288,31 @@ def _usage(value: Any) -> Usage | None:
         prompt_tokens=as_count(value.get("prompt_tokens")),
         completion_tokens=as_count(value.get("completion_tokens")),
     )
+
+
+def _text_of_chunk(raw: str) -> tuple[str, None, bool] | None:
+    """What ``_read_chunk`` makes of a usual chunk (text, no usage, whether a choice
+    finished), from one decode into a typed struct (no dict built: about half the
+    CPU of a frame's ``parse_json`` and the look-ups in its dicts). None when it is
+    anything else (usage, an error, no choices, a value of another type, anything
+    msgspec refuses): ``_read_chunk`` then reads it, so every error comes out as it
+    always has."""
+    try:
+        chunk = _decode_text_chunk(raw)
+    except msgspec.MsgspecError:
+        return None
+    if not chunk.choices or chunk.error is not msgspec.UNSET:
+        return None
+    if chunk.usage is not None and chunk.usage is not msgspec.UNSET:  # null in most chunks
+        return None
+    text = ""
+    finished = False
+    for choice in chunk.choices:
+        if choice.index != 0:
+            continue
+        delta = choice.delta
+        if delta is not None and delta.content:
+            text += delta.content
+        if choice.finish_reason:
+            finished = True
+    return text, None, finished
