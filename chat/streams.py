@@ -5,6 +5,9 @@ beginning (or after the client's last id), then ``done``, then the response
 ends. A client that resumes after ``done`` gets 204, which stops EventSource.
 If the answer's events were pruned from the log, its row stands in for them:
 one ``delta`` with the whole text so far (and ``done`` if it has finished).
+Opened without a resume id in the process that generates the answer (the
+client's request right after its POST), it reads no row and no log: the
+generation vouches for the owner, and the hub holds the answer's events.
 
 Conversation stream (``chat:conversation:<id>``): ``message`` snapshots and the
 ``delta`` events of every answer (their parent channel), live from now or

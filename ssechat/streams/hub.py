@@ -3,7 +3,8 @@
 One hub per process. The broker feeds it new events in id order; the hub hands
 each event (one shared object, framed once) to the mailbox of every local
 connection subscribed to the event's channel or its parent. Everything here
-runs on the event loop; nothing blocks and nothing touches the database.
+runs on the event loop (but ``offer`` and ``remember``, called by the threads
+that commit); nothing blocks and nothing touches the database.
 """
 
 from __future__ import annotations
@@ -314,7 +315,7 @@ class Hub:
         self._offer_scheduled = False
         self._early.clear()
         self._offers_due = 0.0
-        self._remembered.clear()  # a new broker: what the old one dispatched is not all
+        self._forget_all()  # a new broker: what the old one dispatched is not all
         for timer in (self._gap_timer, self._offer_timer):
             if timer is not None:
                 timer.cancel()
@@ -333,7 +334,7 @@ class Hub:
             self.broker = None
         if self._ready is not None:
             self._ready.clear()
-        self._remembered.clear()
+        self._forget_all()
 
     def begin_shutdown(self) -> None:
         """The server is going down: end every open stream now (clients will resume)."""
@@ -599,6 +600,10 @@ class Hub:
     def forget(self, channel: str) -> None:
         with self._remember_lock:
             self._remembered.pop(channel, None)
+
+    def _forget_all(self) -> None:
+        with self._remember_lock:  # remember() may be evicting from another thread
+            self._remembered.clear()
 
     def recall(self, channels: tuple[str, ...], after: int) -> list[StoredEvent] | None:
         """The events of ``channels`` in (``after``, horizon] from memory, in id order;
