@@ -543,8 +543,7 @@ def local_start(message_id: int, user_id: int) -> int | None:
     generation = _active.get(message_id)
     if (
         generation is None
-        or generation.owner_id is None
-        or generation.owner_id != user_id
+        or generation.owner_id != user_id  # None: its owner is not known here
         or generation.start_event_id is None
         or generation.loop is not asyncio.get_running_loop()
     ):
